@@ -1,0 +1,1 @@
+"""SegFormer semantic segmentation: Mix Transformer encoder + all-MLP decode head."""
