@@ -1,0 +1,88 @@
+"""The all-MLP decode head of SegFormer (Xie et al. 2021, Sec. 3.2), with a folded fast path.
+
+The paper computes, at 1/4 resolution, ``fuse(concat(up(L4 x4), up(L3 x3), up(L2 x2), L1 x1))``:
+four D-channel maps upsampled and concatenated, then a 1x1 conv from 4D to D channels. Channel
+mixing and bilinear upsampling are both linear and commute (bilinear weights sum to one, so a
+bias survives upsampling unchanged), so the same function is ``sum_i up(F_i L_i x_i)`` where
+``F_i`` is the fuse conv's slice for stage i. Folding ``F_i L_i`` into one (D, C_i) matrix lets
+each stage be projected at its own resolution and only D channels per stage be upsampled: no
+4D-channel tensor exists, and the 4D -> D conv at 1/4 resolution disappears. At inference the
+BatchNorm folds in as well. The parameters keep the public layout (linear_c, linear_fuse, bn,
+classifier), so checkpoints are unchanged and gradients reach the original parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DecodeHead(nn.Module):
+    """Per-stage linear projection to D channels, fusion, BN-ReLU, dropout and a classifier."""
+
+    def __init__(
+        self,
+        in_channels: tuple[int, ...],
+        dim: int,
+        num_classes: int,
+        dropout: float = 0.1,
+        fast: bool = True,
+    ) -> None:
+        super().__init__()
+        self.fast = fast
+        self.linear_c = nn.ModuleList(nn.Linear(c, dim) for c in in_channels)
+        self.linear_fuse = nn.Conv2d(dim * len(in_channels), dim, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+        # Channel dropout, as in the NVlabs/mmseg head that produced the paper's numbers.
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
+        nn.init.kaiming_normal_(self.linear_fuse.weight, mode="fan_out", nonlinearity="relu")
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier for a new label set (fine-tuning to another dataset)."""
+        dim = self.classifier.in_channels
+        self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1).to(self.classifier.weight)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        fused = self.fuse_folded(features) if self.fast else self.fuse_reference(features)
+        return self.classifier(self.dropout(fused))
+
+    def fuse_reference(self, features: list[Tensor]) -> Tensor:
+        """The paper's computation, step by step: the ground truth for the folded path."""
+        size = features[0].shape[-2:]
+        projected = []
+        for x, linear in zip(features, self.linear_c):
+            batch, _, height, width = x.shape
+            y = linear(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(batch, -1, height, width)
+            projected.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        x = self.linear_fuse(torch.cat(projected[::-1], dim=1))
+        return F.relu(self.bn(x))
+
+    def fuse_folded(self, features: list[Tensor]) -> Tensor:
+        """The same function as `fuse_reference`, projecting each stage at its own resolution."""
+        weights, bias = self._folded_weights()
+        fold_bn = not self.bn.training
+        if fold_bn:
+            scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+            weights = [w * scale[:, None] for w in weights]
+            bias = (bias - self.bn.running_mean) * scale + self.bn.bias
+        size = features[0].shape[-2:]
+        out = F.conv2d(features[0], weights[0][:, :, None, None], bias)
+        for x, w in zip(features[1:], weights[1:]):
+            y = F.conv2d(x, w[:, :, None, None])
+            out = out + F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return F.relu(out if fold_bn else self.bn(out))
+
+    def _folded_weights(self) -> tuple[list[Tensor], Tensor]:
+        """Each stage's (D, C_i) matrix ``F_i L_i`` and the summed bias ``sum_i F_i b_i``."""
+        num_stages = len(self.linear_c)
+        dim = self.bn.num_features
+        # The fuse conv sees the stages in reverse order (stage 4 first), as in the paper's code.
+        slices = self.linear_fuse.weight.view(dim, num_stages, dim).unbind(1)[::-1]
+        weights = [s @ linear.weight for s, linear in zip(slices, self.linear_c)]
+        bias = sum(s @ linear.bias for s, linear in zip(slices, self.linear_c))
+        return weights, bias

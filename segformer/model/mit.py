@@ -1,0 +1,233 @@
+"""Mix Transformer (MiT), the hierarchical encoder of SegFormer (Xie et al. 2021, Sec. 3.1).
+
+Names follow the paper: overlapping patch embeddings, efficient self-attention with sequence
+reduction, Mix-FFN. Tokens travel as (B, N, C) inside a stage and leave each stage as a
+(B, C, H, W) feature map at 1/4, 1/8, 1/16 and 1/32 of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MiTConfig:
+    """Shape of one MiT variant; everything else (kernels, ratios) is shared by B0-B5."""
+
+    depths: tuple[int, int, int, int]
+    hidden_sizes: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+    mlp_ratio: int = 4
+    patch_sizes: tuple[int, int, int, int] = (7, 3, 3, 3)
+    strides: tuple[int, int, int, int] = (4, 2, 2, 2)
+
+
+MIT_VARIANTS: dict[str, MiTConfig] = {
+    "b0": MiTConfig(depths=(2, 2, 2, 2), hidden_sizes=(32, 64, 160, 256)),
+    "b1": MiTConfig(depths=(2, 2, 2, 2), hidden_sizes=(64, 128, 320, 512)),
+    "b2": MiTConfig(depths=(3, 4, 6, 3), hidden_sizes=(64, 128, 320, 512)),
+    "b3": MiTConfig(depths=(3, 4, 18, 3), hidden_sizes=(64, 128, 320, 512)),
+    "b4": MiTConfig(depths=(3, 8, 27, 3), hidden_sizes=(64, 128, 320, 512)),
+    "b5": MiTConfig(depths=(3, 6, 40, 3), hidden_sizes=(64, 128, 320, 512)),
+}
+
+# LayerNorm eps of the patch-embedding and sequence-reduction norms in every public code base;
+# the block and stage-final norms differ by origin (NVlabs 1e-6, transformers 1e-5).
+PATCH_NORM_EPS = 1e-5
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv whose kernel overlaps its neighbours, so no positional encoding is needed."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        x = self.proj(x)
+        height, width = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head attention whose keys and values come from a sequence shrunk R x R times.
+
+    Keys and values share one projection (`kv`) so they cost a single matmul.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.sr_norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        q = self.q(x).view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+        if self.sr_ratio > 1:
+            reduced = self.sr(x.transpose(1, 2).reshape(batch, dim, height, width))
+            x = self.sr_norm(reduced.flatten(2).transpose(1, 2))
+        k, v = self.kv(x).view(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class MixFFN(nn.Module):
+    """Linear -> 3x3 depthwise conv -> GELU -> Linear; the conv leaks position into the tokens."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = self.fc1(x)
+        batch, _, channels = x.shape
+        # A channels-last view of the tokens: the depthwise conv runs without a transposing copy.
+        x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        x = self.act(self.dwconv(x))
+        return self.fc2(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops a sample's whole residual branch during training."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MixFFN(LN(x)))."""
+
+    def __init__(
+        self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: int, drop_path: float, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+
+
+class Stage(nn.Module):
+    """Patch embedding, a stack of blocks and a final LayerNorm; returns a (B, C, H, W) map."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        sr_ratio: int,
+        mlp_ratio: int,
+        patch_size: int,
+        stride: int,
+        drop_paths: list[float],
+        norm_eps: float,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size, stride)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, sr_ratio, mlp_ratio, drop_paths[i], norm_eps) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, height, width = self.patch_embed(x)
+        for block in self.blocks:
+            x = block(x, height, width)
+        x = self.norm(x)
+        return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+
+
+class MixTransformer(nn.Module):
+    """The MiT encoder: four stages, returning their feature maps (strides 4, 8, 16, 32)."""
+
+    def __init__(
+        self,
+        config: MiTConfig,
+        in_channels: int = 3,
+        drop_path_rate: float = 0.1,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.norm_eps = norm_eps
+        # Drop-path rates rise linearly from 0 over all blocks of all stages.
+        rates = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(config.depths):
+            start = sum(config.depths[:i])
+            self.stages.append(
+                Stage(
+                    in_channels=in_channels if i == 0 else config.hidden_sizes[i - 1],
+                    dim=config.hidden_sizes[i],
+                    depth=depth,
+                    num_heads=config.num_heads[i],
+                    sr_ratio=config.sr_ratios[i],
+                    mlp_ratio=config.mlp_ratio,
+                    patch_size=config.patch_sizes[i],
+                    stride=config.strides[i],
+                    drop_paths=rates[start : start + depth],
+                    norm_eps=norm_eps,
+                )
+            )
+        self.apply(_init_weights)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, int, int, int]:
+        return self.config.hidden_sizes
+
+    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        features = []
+        x = pixel_values
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The NVlabs initialisation: truncated normal linears, fan-out normal convs."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, std=(2.0 / fan_out) ** 0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
