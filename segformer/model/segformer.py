@@ -13,6 +13,10 @@ from segformer.model.mit import MIT_VARIANTS, MixTransformer
 
 # The NVlabs/transformers decoder widths, which every public checkpoint follows (MMSeg 1.x uses
 # 256 for all, which `decoder_dim` can express).
+# The smallest side whose 1/4-resolution token grid (ceil(side / 4)) fits stage 1's 8x8
+# sequence-reduction kernel.
+MIN_INPUT_SIZE = 29
+
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
 
 
@@ -110,6 +114,11 @@ class SegFormer(nn.Module):
         if not pixel_values.is_floating_point():
             raise ValueError(
                 f"SegFormer expects float pixel_values (normalised RGB), got dtype {pixel_values.dtype}."
+            )
+        if min(pixel_values.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"SegFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the first "
+                f"stage reduces keys and values 8x8 times), got {tuple(pixel_values.shape[-2:])}."
             )
         return self.decode_head(self.encoder(pixel_values))
 

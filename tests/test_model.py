@@ -1,0 +1,160 @@
+"""The network itself: shapes, sizes, the paper's details, and the folded head against the reference."""
+
+import math
+
+import pytest
+import torch
+
+from segformer import MixTransformer, SegFormer
+from segformer.errors import ConfigError
+from segformer.model.mit import MIT_VARIANTS
+
+# REFERENCE.md: encoder / head parameters in millions with 150 classes.
+PAPER_PARAMS = {
+    "b0": (3.319, 0.433),
+    "b1": (13.151, 0.564),
+    "b2": (24.196, 3.266),
+    "b3": (44.072, 3.266),
+    "b4": (60.843, 3.266),
+    "b5": (81.443, 3.266),
+}
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
+
+
+@pytest.mark.parametrize("variant", list(PAPER_PARAMS))
+def test_parameter_counts_match_the_paper(variant):
+    model = SegFormer(variant, num_classes=150)
+    assert (_millions(model.encoder), _millions(model.decode_head)) == PAPER_PARAMS[variant]
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (513, 377), (33, 95), (29, 30)])
+def test_logits_are_a_quarter_of_any_input_size(height, width):
+    model = SegFormer("b0", num_classes=5).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, height, width))
+    assert logits.shape == (2, 5, math.ceil(height / 4), math.ceil(width / 4))
+
+
+def test_encoder_features_are_reachable_on_their_own():
+    encoder = MixTransformer(MIT_VARIANTS["b1"]).eval()
+    with torch.no_grad():
+        features = encoder(torch.randn(1, 3, 128, 96))
+    assert [f.shape for f in features] == [
+        (1, 64, 32, 24),
+        (1, 128, 16, 12),
+        (1, 320, 8, 6),
+        (1, 512, 4, 3),
+    ]
+
+
+def test_paper_details():
+    model = SegFormer("b2", num_classes=19)
+    blocks = [block for stage in model.encoder.stages for block in stage.blocks]
+    rates = [block.drop_path.drop_prob for block in blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert max(steps) - min(steps) < 1e-7  # linear over all blocks of all stages
+    assert [stage.blocks[0].attn.sr_ratio for stage in model.encoder.stages] == [8, 4, 2, 1]
+    assert [stage.patch_embed.proj.kernel_size for stage in model.encoder.stages] == [(7, 7), (3, 3), (3, 3), (3, 3)]
+    assert model.decode_head.bn.num_features == 768
+    assert SegFormer("b1").decode_head.bn.num_features == 256
+    assert blocks[0].mlp.dwconv.groups == blocks[0].mlp.dwconv.in_channels == 4 * 64
+    assert blocks[0].norm1.eps == 1e-6 and model.encoder.stages[0].patch_embed.norm.eps == 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 64), (1, 1, 64, 64), (1, 4, 64, 64), (2, 3, 64)])
+def test_wrong_input_shape_is_a_clear_error(shape):
+    with pytest.raises(ValueError, match=r"\(batch, 3, height, width\)"):
+        SegFormer("b0", num_classes=3)(torch.randn(*shape))
+
+
+def test_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least 29x29"):
+        SegFormer("b0", num_classes=3)(torch.randn(1, 3, 28, 64))
+
+
+def test_integer_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="float"):
+        SegFormer("b0", num_classes=3)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ConfigError, match="b0, b1, b2, b3, b4, b5"):
+        SegFormer("b9")
+
+
+def _randomize_batchnorm(model: SegFormer) -> None:
+    bn = model.decode_head.bn
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+
+
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_folded_head_equals_reference_in_eval(variant):
+    torch.manual_seed(0)
+    model = SegFormer(variant, num_classes=11).eval()
+    _randomize_batchnorm(model)
+    x = torch.randn(2, 3, 75, 61)
+    with torch.no_grad():
+        fast = model(x)
+        model.fast_head = False
+        reference = model(x)
+    assert (fast - reference).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["b0", "b2"])
+def test_folded_head_equals_reference_in_training(variant):
+    """Same loss and the same gradient for every parameter, BatchNorm in batch-statistics mode."""
+    torch.manual_seed(0)
+    model = SegFormer(variant, num_classes=7, drop_path_rate=0.0, decoder_dropout=0.0).train()
+    x = torch.randn(2, 3, 69, 83)
+    labels = torch.randint(0, 7, (2, 69, 83))
+    labels[:, :5] = 255
+
+    def loss_and_grads(fast: bool):
+        model.zero_grad()
+        model.fast_head = fast
+        logits = model(x)
+        up = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = torch.nn.functional.cross_entropy(up, labels, ignore_index=255)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fast, grads_fast = loss_and_grads(True)
+    model.load_state_dict(state)  # BatchNorm's running stats moved; start the reference from the same state
+    loss_ref, grads_ref = loss_and_grads(False)
+    assert loss_fast == pytest.approx(loss_ref, abs=1e-5)
+    assert grads_fast.keys() == grads_ref.keys()
+    for name in grads_ref:
+        # Relative to each gradient's size; some (biases before BatchNorm) are zero up to rounding.
+        tolerance = 1e-3 * grads_ref[name].abs().max().item() + 1e-7
+        assert (grads_fast[name] - grads_ref[name]).abs().max().item() < tolerance, name
+    for name in ("running_mean", "running_var"):
+        model.load_state_dict(state)
+        model.fast_head = True
+        model(x)
+        fast_stat = getattr(model.decode_head.bn, name).clone()
+        model.load_state_dict(state)
+        model.fast_head = False
+        model(x)
+        assert torch.allclose(fast_stat, getattr(model.decode_head.bn, name), atol=1e-5)
+
+
+def test_reset_classifier_keeps_the_rest():
+    model = SegFormer("b0", num_classes=150)
+    before = model.decode_head.linear_fuse.weight.clone()
+    model.reset_classifier(19, {i: f"c{i}" for i in range(19)})
+    assert model.num_classes == 19 and model.id2label[18] == "c18"
+    assert torch.equal(before, model.decode_head.linear_fuse.weight)
+
+
+def test_id2label_must_cover_every_class():
+    with pytest.raises(ConfigError, match="id2label"):
+        SegFormer("b0", num_classes=3, id2label={0: "a", 1: "b"})
