@@ -53,6 +53,31 @@ TRANSFORMERS_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"decode_head\.classifier", "decode_head.classifier"),
 ]
 
+# Native module path -> transformers 5.x in-memory names (``model.state_dict()`` there; its
+# save_pretrained writes the names above).
+TRANSFORMERS_MODULE_KEYS: list[tuple[str, str | tuple[str, str]]] = [
+    (r"encoder\.stages\.(?P<s>\d+)\.patch_embed\.proj", "segformer.stages.{s}.patch_embeddings.proj"),
+    (r"encoder\.stages\.(?P<s>\d+)\.patch_embed\.norm", "segformer.stages.{s}.patch_embeddings.layer_norm"),
+    (_BLOCK + "norm1", "segformer.stages.{s}.blocks.{b}.layernorm_before"),
+    (_BLOCK + "norm2", "segformer.stages.{s}.blocks.{b}.layernorm_after"),
+    (_BLOCK + r"attn\.q", "segformer.stages.{s}.blocks.{b}.attention.q_proj"),
+    (
+        _BLOCK + r"attn\.kv",
+        ("segformer.stages.{s}.blocks.{b}.attention.k_proj", "segformer.stages.{s}.blocks.{b}.attention.v_proj"),
+    ),
+    (_BLOCK + r"attn\.sr", "segformer.stages.{s}.blocks.{b}.attention.sequence_reduction.sequence_reduction"),
+    (_BLOCK + r"attn\.sr_norm", "segformer.stages.{s}.blocks.{b}.attention.sequence_reduction.layer_norm"),
+    (_BLOCK + r"attn\.proj", "segformer.stages.{s}.blocks.{b}.attention.o_proj"),
+    (_BLOCK + r"mlp\.fc1", "segformer.stages.{s}.blocks.{b}.mlp.fc1"),
+    (_BLOCK + r"mlp\.dwconv", "segformer.stages.{s}.blocks.{b}.mlp.dwconv.dwconv"),
+    (_BLOCK + r"mlp\.fc2", "segformer.stages.{s}.blocks.{b}.mlp.fc2"),
+    (r"encoder\.stages\.(?P<s>\d+)\.norm", "segformer.stages.{s}.layer_norm"),
+    (r"decode_head\.linear_c\.(?P<c>\d+)", "decode_head.linear_projections.{c}.proj"),
+    (r"decode_head\.linear_fuse", "decode_head.linear_fuse"),
+    (r"decode_head\.bn", "decode_head.batch_norm"),
+    (r"decode_head\.classifier", "decode_head.classifier"),
+]
+
 # Native module path -> NVlabs names; stages and head inputs count from 1 there ({s1}, {c1}).
 NVLABS_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"encoder\.stages\.(?P<s>\d+)\.patch_embed\.proj", "backbone.patch_embed{s1}.proj"),
@@ -74,19 +99,26 @@ NVLABS_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"decode_head\.classifier", "decode_head.linear_pred"),
 ]
 
-KEY_MAPS = {"transformers": TRANSFORMERS_KEYS, "nvlabs": NVLABS_KEYS, "native": []}
 
-# Weights that public checkpoints carry but SegFormer does not use: ImageNet classifiers and
-# mmseg's unused conv_seg / auxiliary heads.
-IGNORED_KEYS = {
-    "transformers": re.compile(r"^classifier\."),
-    "nvlabs": re.compile(r"^(backbone\.head\.|decode_head\.conv_seg\.|auxiliary_head\.)"),
-    "native": re.compile(r"$^"),
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint layout: its key names, the weights it carries that SegFormer does not use
+    (ImageNet classifiers, mmseg's unused conv_seg), and the block LayerNorm eps of the code that
+    trained it (REFERENCE.md: transformers computes with 1e-5 whatever its config says; NVlabs
+    used 1e-6)."""
+
+    keys: list[tuple[str, str | tuple[str, str]]]
+    ignored: re.Pattern
+    norm_eps: float
+
+
+FORMATS = {
+    "transformers": Format(TRANSFORMERS_KEYS, re.compile(r"^classifier\."), 1e-5),
+    "transformers-modules": Format(TRANSFORMERS_MODULE_KEYS, re.compile(r"^classifier\."), 1e-5),
+    "nvlabs": Format(NVLABS_KEYS, re.compile(r"^(backbone\.head\.|decode_head\.conv_seg\.|auxiliary_head\.)"), 1e-6),
+    "native": Format([], re.compile(r"$^"), 1e-6),
 }
 
-# LayerNorm eps of the block norms by origin (REFERENCE.md): transformers' code ignores the
-# layer_norm_eps in its configs and uses 1e-5; NVlabs used 1e-6.
-ORIGIN_NORM_EPS = {"transformers": 1e-5, "nvlabs": 1e-6, "native": 1e-6}
 # Our own key in config.json recording the eps a model was trained with.
 NORM_EPS_CONFIG_KEY = "segformer_norm_eps"
 
@@ -108,7 +140,7 @@ class Checkpoint:
 def map_key(native_key: str, fmt: str) -> str | tuple[str, str]:
     """The key (or key/value pair of keys) that holds a native parameter in format ``fmt``."""
     module, _, param = native_key.rpartition(".")
-    for pattern, template in KEY_MAPS[fmt]:
+    for pattern, template in FORMATS[fmt].keys:
         match = re.fullmatch(pattern, module)
         if match:
             fields = {k: v for k, v in match.groupdict().items()}
@@ -125,6 +157,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> str | None:
     keys = list(state_dict)
     if any(k.startswith("encoder.stages.") for k in keys):
         return "native"
+    if any(re.search(r"(^|\.)stages\.0\.patch_embeddings\.", k) for k in keys):
+        return "transformers-modules"
     if any(".patch_embeddings." in "." + k for k in keys):
         return "transformers"
     if any(re.search(r"(^|\.)patch_embed1\.proj\.weight$", k) for k in keys):
@@ -143,7 +177,7 @@ def normalize_keys(state_dict: dict[str, Tensor], fmt: str) -> dict[str, Tensor]
             for prefix in _WRAPPER_PREFIXES:
                 if key.startswith(prefix) and not (fmt == "native" and key.startswith("encoder.")):
                     key, changed = key[len(prefix) :], True
-        if fmt == "transformers" and key.startswith("encoder."):
+        if fmt == "transformers" and key.startswith("encoder.") or fmt == "transformers-modules" and key.startswith("stages."):
             key = "segformer." + key
         if fmt == "nvlabs" and not key.startswith(("backbone.", "decode_head.", "auxiliary_head.")):
             key = "backbone." + key
@@ -162,7 +196,7 @@ def to_native(state_dict: dict[str, Tensor], fmt: str, model: SegFormer) -> tupl
             used.update(names)
         elif not key.endswith("num_batches_tracked"):
             missing.append(" + ".join(names))
-    ignored = IGNORED_KEYS[fmt]
+    ignored = FORMATS[fmt].ignored
     unexpected = [k for k in state_dict if k not in used and not ignored.search(k)]
     return native, missing, unexpected
 
@@ -262,7 +296,7 @@ def _read_transformers_dir(path: Path, origin: str) -> Checkpoint:
     checkpoint = _read_file(weights)
     id2label = config.get("id2label")
     checkpoint.id2label = {int(k): v for k, v in id2label.items()} if id2label else None
-    checkpoint.norm_eps = config.get(NORM_EPS_CONFIG_KEY, ORIGIN_NORM_EPS["transformers"])
+    checkpoint.norm_eps = config.get(NORM_EPS_CONFIG_KEY, FORMATS["transformers"].norm_eps)
     checkpoint.origin = origin
     return checkpoint
 
@@ -301,7 +335,7 @@ def _read_file(path: Path) -> Checkpoint:
         format=fmt,
         origin=str(path),
         id2label={int(k): v for k, v in id2label.items()} if id2label else None,
-        norm_eps=meta.get("norm_eps", ORIGIN_NORM_EPS[fmt]),
+        norm_eps=meta.get("norm_eps", FORMATS[fmt].norm_eps),
         extra=meta,
     )
 
@@ -433,7 +467,7 @@ def save_transformers(model: SegFormer, directory: str | os.PathLike) -> None:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if model.norm_eps != ORIGIN_NORM_EPS["transformers"]:
+    if model.norm_eps != FORMATS["transformers"].norm_eps:
         log.info(
             "This model uses LayerNorm eps %g; transformers computes with 1e-5 whatever its config "
             "says, so its logits will differ slightly from ours (segformer reads the eps back exactly).",

@@ -218,9 +218,13 @@ class MixTransformer(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """The NVlabs initialisation: truncated normal linears, fan-out normal convs."""
+    """The NVlabs initialisation: N(0, 0.02) linears, fan-out normal convs.
+
+    NVlabs truncates the linears' normal at +-2, a hundred standard deviations out: a plain
+    normal draws the same distribution, without trunc_normal_'s cost (seconds for B5).
+    """
     if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
