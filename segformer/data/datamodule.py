@@ -1,0 +1,250 @@
+"""The LightningDataModule: datasets of each split, their pipelines and the loaders.
+
+Hydra builds it from ``configs/data/<name>.yaml``: ``dataset`` is a partial factory called as
+``dataset(root, split)``, every pipeline number is a config key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from segformer.data.datasets import IGNORE_INDEX, SegmentationDataset
+from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from segformer.errors import ConfigError
+
+INFERENCE_MODES = ("whole", "slide")
+
+
+class TrainSamples(Dataset):
+    """Raw samples through the train pipeline -> {"pixel_values", "labels"}.
+
+    The pipeline is reseeded for every sample from torch's generator, which Lightning's
+    ``seed_everything(seed, workers=True)`` and the DataLoader's per-worker seeding control, so
+    a run is reproducible for any number of workers.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, transform: A.Compose) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        seed = int(torch.randint(0, 2**62, ()))
+        self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = self.transform(image=sample["image"], mask=sample["mask"])
+        return {"pixel_values": out["image"], "labels": out["mask"].long()}
+
+
+class EvalSamples(Dataset):
+    """Raw samples for validation/testing: resized image, mask kept at original resolution."""
+
+    def __init__(self, dataset: SegmentationDataset, transform: A.Compose) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        pixel_values = self.transform(image=sample["image"])["image"]
+        labels = torch.from_numpy(sample["mask"]).long()
+        return {
+            "pixel_values": pixel_values,
+            "labels": labels,
+            "image_size": torch.tensor(pixel_values.shape[-2:]),
+            "label_size": torch.tensor(labels.shape),
+            "name": sample["name"],
+        }
+
+
+def collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack differently-sized eval samples: images zero-padded, labels 255-padded (bottom/right)."""
+    image_sizes = torch.stack([s["image_size"] for s in samples])
+    label_sizes = torch.stack([s["label_size"] for s in samples])
+    height, width = image_sizes.max(0).values.tolist()
+    label_h, label_w = label_sizes.max(0).values.tolist()
+    channels = samples[0]["pixel_values"].shape[0]
+    pixel_values = torch.zeros(len(samples), channels, height, width)
+    labels = torch.full((len(samples), label_h, label_w), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        h, w = s["pixel_values"].shape[-2:]
+        pixel_values[i, :, :h, :w] = s["pixel_values"]
+        lh, lw = s["labels"].shape
+        labels[i, :lh, :lw] = s["labels"]
+    return {
+        "pixel_values": pixel_values,
+        "labels": labels,
+        "image_sizes": image_sizes,
+        "label_sizes": label_sizes,
+        "names": [s["name"] for s in samples],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Hydra hands nested config as DictConfig/ListConfig; the pipeline wants plain values."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _check_keys(name: str, given: Mapping[str, Any], function: Callable[..., Any], skip: Sequence[str]) -> None:
+    allowed = [p for p in inspect.signature(function).parameters if p not in skip]
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in data.{name}; allowed keys are {allowed}.")
+
+
+class SegDataModule(L.LightningDataModule):
+    """Datasets and loaders for one segmentation dataset.
+
+    Args:
+        dataset: factory ``dataset(root, split) -> SegmentationDataset`` (a Hydra partial).
+        root: where the dataset lives (a hub name or path for Hugging Face sources).
+        num_classes: expected number of classes; must match the dataset's.
+        batch_size / val_batch_size: per device; validation images keep their own sizes and are
+            padded to a common size when val_batch_size > 1.
+        crop_size: train crop [h, w]; scale: base scale [long, short] of the train rescale and
+            the test resize, so small custom images are not blown up to ADE20K's size.
+        augment: train options of ``train_transform`` (ratio_range, cat_max_ratio, crop_tries,
+            flip_prob, photometric).
+        size_divisor: round test sizes up to a multiple of this (NVlabs uses 32 for ADE20K).
+        inference: how the dataset is evaluated (mode whole|slide, crop_size, stride, scales,
+            flip); read by the inference code, stored here because it belongs to the dataset.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(
+        self,
+        dataset: Callable[[str, str], SegmentationDataset],
+        root: str,
+        num_classes: int,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        crop_size: Sequence[int] = (512, 512),
+        scale: Sequence[int] = (2048, 512),
+        augment: Mapping[str, Any] | None = None,
+        size_divisor: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        inference: Mapping[str, Any] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["dataset"])
+        self.dataset_factory = dataset
+        self.root = str(root)
+        self.num_classes = int(num_classes)
+        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if int(value) < 1:
+                raise ConfigError(f"data.{key} must be at least 1, got {value}.")
+        if int(num_workers) < 0:
+            raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}.")
+        self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.crop_size = [int(v) for v in _plain(crop_size)]
+        self.scale = [int(v) for v in _plain(scale)]
+        self.augment = dict(_plain(augment) or {})
+        _check_keys("augment", self.augment, train_transform, ("crop_size", "scale", "mean", "std", "ignore_index"))
+        self.train_transform = train_transform(
+            self.crop_size, self.scale, mean=_plain(mean), std=_plain(std), ignore_index=IGNORE_INDEX, **self.augment
+        )
+        self.eval_transform = eval_transform(self.scale, size_divisor, mean=_plain(mean), std=_plain(std))
+        self.inference = self._inference_settings(_plain(inference) or {})
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self._datasets: dict[str, SegmentationDataset] = {}
+
+    def _inference_settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        settings = {
+            "mode": "whole",
+            "crop_size": list(self.crop_size),
+            "stride": [max(c * 2 // 3, 1) for c in self.crop_size],
+            "scales": [1.0],
+            "flip": False,
+        }
+        unknown = sorted(set(given) - set(settings))
+        if unknown:
+            raise ConfigError(f"Unknown key(s) {unknown} in data.inference; allowed keys are {list(settings)}.")
+        settings.update(given)
+        if settings["mode"] not in INFERENCE_MODES:
+            raise ConfigError(f"data.inference.mode must be one of {INFERENCE_MODES}, got {settings['mode']!r}.")
+        return settings
+
+    def dataset(self, split: str) -> SegmentationDataset:
+        """The raw dataset of ``split`` (a dataset split name such as train/val/test), built once."""
+        if split not in self._datasets:
+            built = self.dataset_factory(self.root, split)
+            if built.num_classes != self.num_classes:
+                raise ConfigError(
+                    f"data.num_classes is {self.num_classes} but {type(built).__name__} at {self.root} "
+                    f"has {built.num_classes} classes; set data.num_classes={built.num_classes}."
+                )
+            self._datasets[split] = built
+        return self._datasets[split]
+
+    def _reference(self) -> SegmentationDataset:
+        return next(iter(self._datasets.values())) if self._datasets else self.dataset(self.splits["val"])
+
+    @property
+    def classes(self) -> list[str]:
+        return self._reference().classes
+
+    @property
+    def palette(self) -> list[list[int]]:
+        return self._reference().palette
+
+    def prepare_data(self) -> None:
+        # Building a dataset validates its layout (and writes the sample scenes when needed)
+        # once, before any process starts training.
+        self.dataset(self.splits["train"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.dataset(self.splits["train"])
+        if stage in (None, "fit", "validate"):
+            self.dataset(self.splits["val"])
+        if stage in (None, "test"):
+            self.dataset(self.splits["test"])
+
+    def _loader(self, samples: Dataset, batch_size: int, train: bool, collate: Callable | None) -> DataLoader:
+        return DataLoader(
+            samples,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and len(samples) >= batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        samples = TrainSamples(self.dataset(self.splits["train"]), self.train_transform)
+        return self._loader(samples, self.batch_size, True, None)
+
+    def val_dataloader(self) -> DataLoader:
+        samples = EvalSamples(self.dataset(self.splits["val"]), self.eval_transform)
+        return self._loader(samples, self.val_batch_size, False, collate_eval)
+
+    def test_dataloader(self) -> DataLoader:
+        samples = EvalSamples(self.dataset(self.splits["test"]), self.eval_transform)
+        return self._loader(samples, self.val_batch_size, False, collate_eval)
