@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as csEval
 from PIL import Image
 
+from segformer.data.labels import CITYSCAPES_TRAIN_TO_LABEL_ID
 from segformer.errors import ConfigError, DataError
 from segformer.metrics import (
     SegmentationMetrics,
@@ -183,21 +184,11 @@ def test_ddp_ranks_sum_their_confusion_matrices(tmp_path) -> None:
         assert torch.equal(torch.load(tmp_path / f"confmat{rank}.pt"), expected)
 
 
-def _label_id_to_train_id() -> dict[int, int]:
-    try:
-        from segformer.data.labels import CITYSCAPES_ID_TO_TRAIN_ID  # type: ignore[attr-defined]
-
-        return dict(CITYSCAPES_ID_TO_TRAIN_ID)
-    except ImportError:
-        ids = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
-        return {label_id: train_id for train_id, label_id in enumerate(ids)}
-
-
 def test_agrees_with_the_official_cityscapes_script(tmp_path) -> None:
-    id_to_train = _label_id_to_train_id()
-    train_to_id = {t: i for i, t in id_to_train.items()}
+    assert [csEval.trainId2label[t].id for t in range(19)] == list(CITYSCAPES_TRAIN_TO_LABEL_ID)
+    train_to_id = dict(enumerate(CITYSCAPES_TRAIN_TO_LABEL_ID))
     lut = np.full(256, 255, dtype=np.int64)
-    for label_id, train_id in id_to_train.items():
+    for train_id, label_id in train_to_id.items():
         lut[label_id] = train_id
 
     rng = np.random.default_rng(0)
