@@ -1,0 +1,203 @@
+"""Turning a model's 1/4-resolution logits into full-resolution predictions.
+
+Validation, eval.py and predict.py all go through ``predict_batch`` / ``predict_probs`` so the
+three can never disagree. Semantics follow MMSegmentation (and the NVlabs code built on it):
+
+- whole: run the model on the image, upsample the logits bilinearly to the image size;
+- slide: run crop-sized windows (the last row / column shifted back to end at the border,
+  clipped to the image when it is smaller than the crop), upsample each window's logits to the
+  window size, and average overlapping logits;
+- test-time augmentation: for every scale (relative to the given image) and, with ``flip``, its
+  horizontal mirror, resize the logits to the output size, take the softmax, and average.
+
+Only one image's accumulators are alive at a time, in float32 on the image's device; nothing is
+kept across images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segformer.errors import ConfigError
+
+Model = Callable[[Tensor], Tensor]
+Window = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)
+
+MODES = ("whole", "slide")
+
+
+def _pair(key: str, value: Any) -> tuple[int, int]:
+    items = [value, value] if isinstance(value, int) else list(value)
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+        raise ConfigError(
+            f"inference.{key} must be a positive integer or a [height, width] pair of positive "
+            f"integers, got {value!r}."
+        )
+    return items[0], items[1]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How predictions are made; ``crop_size`` and ``stride`` are [height, width] in pixels of the
+    (test-resized) model input, ``window_batch`` is how many slide windows share one forward pass."""
+
+    mode: str = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    window_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"inference.mode must be one of {list(MODES)}, got {self.mode!r}.")
+        crop = None if self.crop_size is None else _pair("crop_size", self.crop_size)
+        stride = None if self.stride is None else _pair("stride", self.stride)
+        if self.mode == "slide" and (crop is None or stride is None):
+            raise ConfigError(
+                "inference.mode 'slide' needs inference.crop_size and inference.stride "
+                f"(got crop_size={self.crop_size!r}, stride={self.stride!r})."
+            )
+        if crop is not None and stride is not None and (stride[0] > crop[0] or stride[1] > crop[1]):
+            raise ConfigError(
+                f"inference.stride {list(stride)} is larger than inference.crop_size {list(crop)}: "
+                "windows would leave pixels unpredicted; use a stride no larger than the crop."
+            )
+        scales = [self.scales] if isinstance(self.scales, (int, float)) else list(self.scales)
+        if not scales or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
+        ):
+            raise ConfigError(f"inference.scales must be a non-empty list of positive numbers, got {self.scales!r}.")
+        if not isinstance(self.flip, bool):
+            raise ConfigError(f"inference.flip must be true or false, got {self.flip!r}.")
+        if isinstance(self.window_batch, bool) or not isinstance(self.window_batch, int) or self.window_batch < 1:
+            raise ConfigError(f"inference.window_batch must be a positive integer, got {self.window_batch!r}.")
+        object.__setattr__(self, "crop_size", crop)
+        object.__setattr__(self, "stride", stride)
+        object.__setattr__(self, "scales", tuple(float(s) for s in scales))
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any] | None = None, **overrides: Any) -> InferenceConfig:
+        """Build from a dict or DictConfig (e.g. ``datamodule.inference``); overrides win."""
+        given = {**dict(settings or {}), **overrides}
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ConfigError(f"Unknown inference setting(s) {unknown}; allowed keys are {allowed}.")
+        return cls(**given)
+
+
+def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[Window]:
+    """MMSeg's window grid: max(ceil((H - crop) / stride), 0) + 1 rows (same for columns); the
+    last window is shifted back to end at the border, and clipped when the image is smaller."""
+    (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
+    rows = max(math.ceil((height - crop_h) / stride_h), 0) + 1
+    cols = max(math.ceil((width - crop_w) / stride_w), 0) + 1
+    windows = []
+    for row in range(rows):
+        y2 = min(row * stride_h + crop_h, height)
+        y1 = max(y2 - crop_h, 0)
+        for col in range(cols):
+            x2 = min(col * stride_w + crop_w, width)
+            x1 = max(x2 - crop_w, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def _resize(logits: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def whole_logits(model: Model, images: Tensor) -> Tensor:
+    """Logits (B, K, h, w) at the size of ``images`` (B, 3, h, w)."""
+    return _resize(model(images).float(), images.shape[-2:])
+
+
+def slide_logits(model: Model, image: Tensor, crop_size: Sequence[int], stride: Sequence[int], window_batch: int = 1) -> Tensor:
+    """Logits (1, K, h, w) of one image (1, 3, h, w), averaged over overlapping windows.
+
+    All windows of an image have the same size, so ``window_batch`` of them are stacked into one
+    forward pass; the accumulator and the count map are the only full-size tensors.
+    """
+    height, width = image.shape[-2:]
+    windows = slide_windows(height, width, crop_size, stride)
+    count = torch.zeros((1, 1, height, width), dtype=torch.float32, device=image.device)
+    total: Tensor | None = None
+    for start in range(0, len(windows), window_batch):
+        group = windows[start : start + window_batch]
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
+        logits = whole_logits(model, crops)
+        if total is None:
+            total = torch.zeros((1, logits.shape[1], height, width), dtype=torch.float32, device=image.device)
+        for (y1, y2, x1, x2), window_logits in zip(group, logits):
+            total[0, :, y1:y2, x1:x2] += window_logits
+            count[:, :, y1:y2, x1:x2] += 1
+    assert total is not None  # slide_windows always yields at least one window
+    return total.div_(count)
+
+
+def forward_logits(model: Model, image: Tensor, config: InferenceConfig) -> Tensor:
+    """Logits (1, K, h, w) of one image at its own size, by the configured mode."""
+    if config.mode == "slide":
+        assert config.crop_size is not None and config.stride is not None  # checked by the config
+        return slide_logits(model, image, config.crop_size, config.stride, config.window_batch)
+    return whole_logits(model, image)
+
+
+@torch.no_grad()
+def predict_probs(model: Model, image: Tensor, out_size: Sequence[int], config: InferenceConfig) -> Tensor:
+    """Class probabilities (K, H, W) of one image (1, 3, h, w) at ``out_size`` = (H, W).
+
+    The softmax of each (scale, flip) pass is taken after resizing its logits to the output size,
+    and the passes are averaged (MMSeg's aug_test); with one scale and no flip this is the softmax
+    of the resized logits, so its argmax is the plain prediction.
+    """
+    height, width = image.shape[-2:]
+    probs: Tensor | None = None
+    passes = 0
+    for scale in config.scales:
+        size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
+        scaled = _resize(image, size)
+        for flip in (False, True) if config.flip else (False,):
+            logits = forward_logits(model, scaled.flip(-1) if flip else scaled, config)
+            if flip:
+                logits = logits.flip(-1)
+            p = _resize(logits, out_size).softmax(dim=1)
+            probs = p if probs is None else probs.add_(p)
+            passes += 1
+    assert probs is not None  # the config has at least one scale
+    return probs.div_(passes)[0]
+
+
+def _batch_probs(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> Iterator[Tensor]:
+    pixel_values = batch["pixel_values"]
+    for i in range(pixel_values.shape[0]):
+        h, w = (int(v) for v in batch["image_sizes"][i])
+        out_size = tuple(int(v) for v in batch["label_sizes"][i])
+        yield predict_probs(model, pixel_values[i : i + 1, :, :h, :w], out_size, config)
+
+
+def predict_batch_probs(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> list[Tensor]:
+    """Per-image probabilities (K, H_i, W_i) at each image's original label size.
+
+    Each image's valid region (``image_sizes``) is cut out of the zero-padded ``pixel_values``
+    before inference, so padding never changes a prediction.
+    """
+    return list(_batch_probs(model, batch, config))
+
+
+def predict_batch(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> list[Tensor]:
+    """Per-image label maps (H_i, W_i), long, at each image's original label size.
+
+    Same as ``predict_batch_probs`` followed by argmax, holding one image's probabilities at a time.
+    """
+    return [probs.argmax(dim=0) for probs in _batch_probs(model, batch, config)]
