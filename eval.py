@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint the way the paper did: ``python eval.py ckpt_path=... [data=...]``.
+
+ckpt_path takes anything ``SegFormer.from_pretrained`` takes (our .ckpt, a transformers folder or
+hub id, an NVlabs .pth). The dataset's evaluation mode applies (data.inference, overridable);
+the scores are accumulated over the whole split at the labels' original resolution. Writes
+<run dir>/metrics.json and, with save_predictions=true, <run dir>/predictions/<image>.png.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from segformer import SegFormer, cli
+from segformer.errors import CheckpointError
+from segformer.metrics import format_table, results_to_json
+from segformer.module import SegFormerModule
+from segformer.predictions import PredictionWriter
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def evaluate(cfg: DictConfig) -> float | None:
+    """Score ``cfg.ckpt_path`` on the data module's test split; returns the mIoU."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = SegFormer.from_pretrained(cfg.ckpt_path)
+    if model.num_classes != datamodule.num_classes:
+        raise CheckpointError(
+            f"Checkpoint {cfg.ckpt_path!r} predicts {model.num_classes} classes but the dataset has "
+            f"{datamodule.num_classes}: evaluate it on the dataset it was trained for."
+        )
+    model.id2label = dict(enumerate(datamodule.classes))
+    module = SegFormerModule(model, inference=datamodule.inference, ignore_index=datamodule.ignore_index)
+
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = []
+    if cfg.save_predictions:
+        split = datamodule.dataset(datamodule.splits["test"])
+        callbacks.append(PredictionWriter(output_dir / "predictions", split))
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False
+    )
+    trainer.test(module, datamodule=datamodule, verbose=False)
+
+    results = module.test_results
+    if trainer.is_global_zero:
+        report = {
+            **results_to_json(results, module.class_names),
+            "checkpoint": str(cfg.ckpt_path),
+            "split": datamodule.splits["test"],
+            "inference": datamodule.inference,
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_table(results, module.class_names))
+        print(f"Metrics: {output_dir / 'metrics.json'}")
+    return float(results["mIoU"])
+
+
+if __name__ == "__main__":
+    cli.run(evaluate, CONFIG_DIR, "eval")

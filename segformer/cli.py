@@ -1,0 +1,248 @@
+"""What train.py and eval.py share: running under Hydra, and building loggers and callbacks.
+
+A user mistake (a wrong config choice, a misspelled key, a missing value, a bad path) ends the
+run with one message on stderr and exit status 2, without a traceback. Anything else is a bug
+and keeps its full traceback (exit status 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+import netrc
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import hydra
+from hydra.errors import (
+    CompactHydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from segformer.errors import ConfigError, UserError
+
+USER_ERROR_EXIT = 2
+
+T = TypeVar("T")
+
+
+def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_name: str) -> None:
+    """Compose ``config_dir/config_name.yaml`` with the command line and call ``task`` on it.
+
+    Hydra's own handling prints composition errors without the valid keys and task errors with
+    a traceback, so Hydra is told to re-raise (HYDRA_FULL_ERROR) and the errors are reported
+    here instead. ``HYDRA_FULL_ERROR=1`` set by the user still shows every traceback.
+    """
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    def report(error: Exception) -> NoReturn:
+        message = user_error_message(error)
+        if message is None or show_traceback:
+            raise error
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+    @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
+    def main(cfg: DictConfig) -> T:
+        # Exiting from inside the job keeps Hydra from printing its own "Error executing job" line.
+        try:
+            check_required(cfg)
+            return task(cfg)
+        except Exception as error:
+            report(error)
+
+    try:
+        main()
+    except Exception as error:
+        report(error)
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Name every ``???`` value left in the config at once, before anything runs."""
+    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False), "")
+    if missing:
+        examples = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"Missing required value(s): {', '.join(missing)}. Set them on the command line: {examples}")
+
+
+def _missing_keys(node: Any, prefix: str) -> list[str]:
+    if isinstance(node, dict):
+        items = [(f"{prefix}{key}", value) for key, value in node.items()]
+    elif isinstance(node, list):
+        items = [(f"{prefix.rstrip('.')}[{i}]", value) for i, value in enumerate(node)]
+    else:
+        return []
+    missing = []
+    for key, value in items:
+        if value == "???":
+            missing.append(key)
+        else:
+            missing += _missing_keys(value, f"{key}.")
+    return missing
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message to show for a user mistake, or None when ``error`` is a bug."""
+    cause = _user_cause(error)
+    if cause is not None:
+        return _clean_worker_message(str(cause))
+    if isinstance(error, InstantiationException):
+        if isinstance(error.__cause__, (TypeError, ImportError)) or error.__cause__ is None:
+            return str(error)
+        return None
+    if isinstance(error, MissingConfigException):
+        return _missing_config_message(error)
+    if isinstance(error, OverrideParseException):
+        reason = str(error).split("\nSee https://")[0].replace("\n", " ")
+        return f"Could not parse the override {error.override!r}: {reason}. Overrides look like key=value, group=choice or key=[a,b]."
+    if isinstance(error, CompactHydraException):
+        if isinstance(error.__cause__, OmegaConfBaseException):
+            return _bad_key_message(error, error.__cause__)
+        return str(error).replace("\n", " ")
+    if isinstance(error, MissingMandatoryValue):
+        return f"Missing required value {error.full_key}: set it on the command line ({error.full_key}=...)."
+    if isinstance(error, MisconfigurationException):
+        return str(error)
+    return None
+
+
+def _user_cause(error: BaseException) -> UserError | None:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _clean_worker_message(message: str) -> str:
+    """A DataLoader worker re-raises our error with its traceback inside the message; keep the message."""
+    if "Original Traceback" not in message:
+        return message
+    match = re.search(r"^segformer\.errors\.\w+: (.*)", message, flags=re.MULTILINE | re.DOTALL)
+    return match.group(1).strip() if match else message
+
+
+def _missing_config_message(error: MissingConfigException) -> str:
+    text = str(error).split("\nConfig search path:")[0]
+    head, _, options = text.partition("\n\nAvailable options in")
+    if not options:
+        return head
+    group, _, names = options.partition(":")
+    choices = [name.strip() for name in names.split() if name.strip()]
+    return f"{head.strip()}. Valid choices for{group}: {', '.join(choices)}."
+
+
+def _bad_key_message(error: CompactHydraException, cause: OmegaConfBaseException) -> str:
+    full_key = cause.full_key or ""
+    parent = cause.parent_node
+    if isinstance(parent, DictConfig) and isinstance(cause.key, str):
+        at_top = full_key == cause.key
+        valid = [str(key) for key in parent.keys() if not (at_top and key == "hydra")]
+        where = "the top level" if at_top else full_key.rsplit(".", 1)[0]
+        message = f"Unknown config key {full_key!r}: {where} has no key {cause.key!r}."
+        close = difflib.get_close_matches(cause.key, valid, n=1)
+        if close:
+            message += f" Did you mean {close[0]!r}?"
+        return (
+            f"{message} Valid keys under {where}: {', '.join(valid)}. "
+            "(To add a new key on purpose, prefix the override with '+'.)"
+        )
+    if isinstance(parent, ListConfig):
+        return f"Config key {full_key!r} is out of range: the list has {len(parent)} item(s)."
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return f"{str(error).splitlines()[0]} {first}"
+
+
+def fit_intervals_to_run(cfg: DictConfig) -> None:
+    """Validate and checkpoint at least once: intervals longer than the run become its length.
+
+    ``trainer.max_steps=1000`` on a paper recipe (validation every 16k steps) then still ends
+    with a validation and a last.ckpt instead of nothing.
+    """
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if not isinstance(max_steps, int) or max_steps < 1:
+        return
+    with open_dict(cfg):
+        interval = cfg.trainer.get("val_check_interval")
+        if isinstance(interval, int) and interval > max_steps:
+            cfg.trainer.val_check_interval = max_steps
+        for node in (cfg.get("callbacks") or {}).values():
+            every = node.get("every_n_train_steps") if isinstance(node, DictConfig) else None
+            if isinstance(every, int) and every > max_steps:
+                node.every_n_train_steps = max_steps
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, int) and max_steps % interval:
+        rank_zero_warn(
+            f"trainer.max_steps={max_steps} is not a multiple of trainer.val_check_interval={interval}: "
+            f"the last {max_steps % interval} steps are neither validated nor checkpointed."
+        )
+
+
+def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Callback]:
+    """Callbacks from the ``callbacks`` group; an entry set to null is left out.
+
+    LearningRateMonitor raises without a logger, so it is dropped (with a warning) then.
+    """
+    callbacks: list[Callback] = []
+    for name, node in (cfg or {}).items():
+        if node is None:
+            continue
+        callback = hydra.utils.instantiate(node)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            rank_zero_warn(f"callbacks.{name} (LearningRateMonitor) needs a logger; left out because logger=null.")
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Loggers from the ``logger`` group; an entry set to null is left out."""
+    return [hydra.utils.instantiate(node) for node in (cfg or {}).values() if node is not None]
+
+
+def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    """Record the whole resolved config with every logger (W&B's config panel, hparams.yaml)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+
+
+def best_checkpoint(callbacks: list[Callback], monitor: str) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that keeps the best ``monitor`` score, if any."""
+    return next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
+
+
+def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
+    """A WandbLogger that never prompts for a login.
+
+    ``offline=None`` means offline unless an API key is available (WANDB_API_KEY, or a
+    ``wandb login`` in ~/.netrc); offline runs can be uploaded later with ``wandb sync``.
+    """
+    if offline is None:
+        offline = not _has_wandb_credentials()
+    return WandbLogger(offline=offline, **kwargs)
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False

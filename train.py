@@ -1,0 +1,55 @@
+"""Train SegFormer: ``python train.py [group=choice ...] [key=value ...]`` (configs/train.yaml).
+
+With no arguments it trains B0 on the bundled sample scenes; ``model=b2 data=ade20k`` or
+``experiment=ade20k_b2`` is the paper's setting. Everything a run writes goes to its own folder
+(logs/train/runs/<date_time>/): the config, checkpoints/last.ckpt and best.ckpt, csv/metrics.csv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from segformer import cli
+from segformer.module import SegFormerModule
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit the model the config describes; returns the best val/mIoU (the sweep objective)."""
+    L.seed_everything(cfg.seed, workers=True)
+    cli.fit_intervals_to_run(cfg)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    model.id2label = dict(enumerate(datamodule.classes))
+    module = SegFormerModule(
+        model,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler),
+        inference=datamodule.inference,
+        ignore_index=datamodule.ignore_index,
+        compile=cfg.compile,
+    )
+    loggers = cli.instantiate_loggers(cfg.get("logger"))
+    callbacks = cli.instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    cli.log_config(loggers, cfg)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    best = cli.best_checkpoint(callbacks, "val/mIoU")
+    score = best.best_model_score if best is not None else trainer.callback_metrics.get("val/mIoU")
+    if trainer.is_global_zero:
+        where = f" ({best.best_model_path})" if best is not None and best.best_model_path else ""
+        print(f"Best val/mIoU: {float(score):.4f}{where}" if score is not None else "No validation ran.")
+        print(f"Run folder: {cfg.paths.output_dir}")
+    return float(score) if score is not None else None
+
+
+if __name__ == "__main__":
+    cli.run(train, CONFIG_DIR, "train")
