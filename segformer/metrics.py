@@ -70,19 +70,20 @@ class SegmentationMetrics(Metric):
             )
         if preds.is_floating_point() or target.is_floating_point():
             raise ValueError("preds and target must be integer label maps, not scores.")
-        valid = target != self.ignore_index
-        target = target[valid].long()
-        preds = preds[valid].long()
         if target.numel() == 0:
             return
-        self._check_range(preds, target)
+        valid = target != self.ignore_index
+        preds, target = preds.long(), target.long()
+        self._check_range(preds.masked_fill(~valid, 0), target.masked_fill(~valid, 0))
         k = self.num_classes
-        counts = torch.bincount(target * k + preds, minlength=k * k)
+        # Ignored pixels go to one extra bin that is dropped: cheaper than selecting valid pixels.
+        index = (target * k + preds).masked_fill_(~valid, k * k)
+        counts = torch.bincount(index.flatten(), minlength=k * k + 1)[: k * k]
         self.confmat += counts.reshape(k, k)
 
     def _check_range(self, preds: Tensor, target: Tensor) -> None:
         k = self.num_classes
-        t_min, t_max = int(target.min()), int(target.max())
+        t_min, t_max, p_min, p_max = torch.stack([*torch.aminmax(target), *torch.aminmax(preds)]).tolist()
         if t_min < 0 or t_max >= k:
             bad = t_max if t_max >= k else t_min
             raise DataError(
@@ -90,7 +91,6 @@ class SegmentationMetrics(Metric):
                 f"index {self.ignore_index}. Check num_classes and the label encoding of the "
                 "dataset (ADE20K labels are reduced: 0 becomes 255 and k becomes k-1)."
             )
-        p_min, p_max = int(preds.min()), int(preds.max())
         if p_min < 0 or p_max >= k:
             bad = p_max if p_max >= k else p_min
             raise ConfigError(

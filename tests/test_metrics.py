@@ -34,9 +34,9 @@ def _assert_close(actual: torch.Tensor, expected: list[float] | float) -> None:
 
 def _hand_case() -> tuple[torch.Tensor, torch.Tensor]:
     """Four classes: 0 present and predicted, 1 present but never predicted, 2 predicted but
-    never present, 3 neither. The two ignored pixels predict 1 and 3 and must not count."""
-    target = torch.tensor([[[0, 0, 0, 1], [1, 255, 255, 0]]])
-    preds = torch.tensor([[[0, 0, 2, 0], [0, 1, 3, 0]]])
+    never present, 3 neither. The ignored pixels predict 1, 3 and 255 and must not count."""
+    target = torch.tensor([[[0, 0, 0, 1, 255], [1, 255, 255, 0, 255]]])
+    preds = torch.tensor([[[0, 0, 2, 0, 255], [0, 1, 3, 0, 255]]])
     return preds, target
 
 
