@@ -33,9 +33,13 @@ Window = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)
 MODES = ("whole", "slide")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _pair(key: str, value: Any) -> tuple[int, int]:
     items = [value, value] if isinstance(value, int) else list(value)
-    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+    if len(items) != 2 or not all(_is_number(v) and isinstance(v, int) and v > 0 for v in items):
         raise ConfigError(
             f"inference.{key} must be a positive integer or a [height, width] pair of positive "
             f"integers, got {value!r}."
@@ -71,14 +75,17 @@ class InferenceConfig:
                 "windows would leave pixels unpredicted; use a stride no larger than the crop."
             )
         scales = [self.scales] if isinstance(self.scales, (int, float)) else list(self.scales)
-        if not scales or not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in scales
-        ):
-            raise ConfigError(f"inference.scales must be a non-empty list of positive numbers, got {self.scales!r}.")
+        if not scales or not all(_is_number(s) and math.isfinite(s) and s > 0 for s in scales):
+            raise ConfigError(
+                f"inference.scales must be a non-empty list of positive numbers, got {self.scales!r}."
+            )
         if not isinstance(self.flip, bool):
             raise ConfigError(f"inference.flip must be true or false, got {self.flip!r}.")
-        if isinstance(self.window_batch, bool) or not isinstance(self.window_batch, int) or self.window_batch < 1:
-            raise ConfigError(f"inference.window_batch must be a positive integer, got {self.window_batch!r}.")
+        batch = self.window_batch
+        if not (_is_number(batch) and isinstance(batch, int) and batch > 0):
+            raise ConfigError(
+                f"inference.window_batch must be a positive integer, got {self.window_batch!r}."
+            )
         object.__setattr__(self, "crop_size", crop)
         object.__setattr__(self, "stride", stride)
         object.__setattr__(self, "scales", tuple(float(s) for s in scales))
@@ -94,7 +101,9 @@ class InferenceConfig:
         return cls(**given)
 
 
-def slide_windows(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[Window]:
+def slide_windows(
+    height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]
+) -> list[Window]:
     """MMSeg's window grid: max(ceil((H - crop) / stride), 0) + 1 rows (same for columns); the
     last window is shifted back to end at the border, and clipped when the image is smaller."""
     (crop_h, crop_w), (stride_h, stride_w) = crop_size, stride
@@ -122,7 +131,9 @@ def whole_logits(model: Model, images: Tensor) -> Tensor:
     return _resize(model(images).float(), images.shape[-2:])
 
 
-def slide_logits(model: Model, image: Tensor, crop_size: Sequence[int], stride: Sequence[int], window_batch: int = 1) -> Tensor:
+def slide_logits(
+    model: Model, image: Tensor, crop_size: Sequence[int], stride: Sequence[int], window_batch: int = 1
+) -> Tensor:
     """Logits (1, K, h, w) of one image (1, 3, h, w), averaged over overlapping windows.
 
     All windows of an image have the same size, so ``window_batch`` of them are stacked into one

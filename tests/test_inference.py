@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from segformer.errors import ConfigError
@@ -41,7 +44,9 @@ def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def upsampled(model: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsampled(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     with torch.no_grad():
         return F.interpolate(model(x), size=size, mode="bilinear", align_corners=False)
 
@@ -143,7 +148,9 @@ def test_accumulates_in_float32_when_the_model_returns_bfloat16() -> None:
 def test_one_scale_without_flip_is_the_softmax_of_whole() -> None:
     model, x = stride4_model(), image(22, 31)
     probs = predict_probs(model, x, (44, 62), InferenceConfig(scales=[1.0], flip=False))
-    expected = F.interpolate(upsampled(model, x, (22, 31)), size=(44, 62), mode="bilinear", align_corners=False)
+    expected = F.interpolate(
+        upsampled(model, x, (22, 31)), size=(44, 62), mode="bilinear", align_corners=False
+    )
     torch.testing.assert_close(probs, expected.softmax(dim=1)[0], rtol=0, atol=1e-6)
     assert probs.shape == (K, 44, 62)
 
@@ -178,7 +185,7 @@ def test_multi_scale_runs_slide_at_every_scale() -> None:
     with torch.no_grad():
         half = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
         expected = sum(
-            F.interpolate(slide_logits(model, inp, (16, 16), (12, 12)), size=(40, 40), mode="bilinear", align_corners=False).softmax(dim=1)
+            upsampled(lambda t: slide_logits(model, t, (16, 16), (12, 12)), inp, (40, 40)).softmax(dim=1)
             for inp in (half, x)
         ) / 2
     torch.testing.assert_close(predict_probs(model, x, (40, 40), config), expected[0], rtol=0, atol=1e-6)
@@ -226,6 +233,8 @@ def test_config_normalises_sizes_and_reads_a_mapping() -> None:
     )
     assert config == InferenceConfig("slide", (1024, 1024), (768, 768), (0.5, 1.0), True, 4)
     assert InferenceConfig.from_mapping(None) == InferenceConfig()
+    from_yaml = OmegaConf.create({"mode": "slide", "crop_size": [32, 48], "stride": [16, 24], "scales": [1.0]})
+    assert InferenceConfig.from_mapping(from_yaml) == InferenceConfig("slide", (32, 48), (16, 24))
 
 
 @pytest.mark.parametrize(
@@ -247,3 +256,19 @@ def test_config_normalises_sizes_and_reads_a_mapping() -> None:
 def test_bad_config_names_the_key(settings: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         InferenceConfig.from_mapping(settings)
+
+
+def test_real_segformer_b0_through_slide_and_whole() -> None:
+    from segformer import SegFormer
+
+    torch.manual_seed(0)
+    model = SegFormer(variant="b0", num_classes=3).eval()
+    x = image(45, 70)  # not multiples of 4: logits are 12x18
+    with torch.no_grad():
+        whole = whole_logits(model, x)
+        assert whole.shape == (1, 3, 45, 70)
+        assert torch.equal(slide_logits(model, x, (48, 72), (32, 32)), whole)
+    config = InferenceConfig(mode="slide", crop_size=[45, 40], stride=[30, 30])
+    probs = predict_probs(model, x, (90, 140), config)
+    assert probs.shape == (3, 90, 140)
+    torch.testing.assert_close(probs.sum(dim=0), torch.ones(90, 140), rtol=0, atol=1e-5)
