@@ -41,6 +41,20 @@ MIT_VARIANTS: dict[str, MiTConfig] = {
 PATCH_NORM_EPS = 1e-5
 
 
+def _tokens_to_map(x: Tensor, height: int, width: int) -> Tensor:
+    """(B, H*W, C) tokens as a (B, C, H, W) map in channels-last memory: a view, not a copy.
+
+    Convolutions (oneDNN) run natively on channels-last maps, so tokens and maps convert for free
+    and no transposing copy sits between the attention, the depthwise conv and the next stage.
+    """
+    return x.view(x.shape[0], height, width, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def _map_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) map -> (B, H*W, C) tokens; free when the map is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
 class OverlapPatchEmbed(nn.Module):
     """Strided conv whose kernel overlaps its neighbours, so no positional encoding is needed."""
 
@@ -50,9 +64,9 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
-        x = self.proj(x)
-        height, width = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+        # Channels-last in and out: the tokens are then a plain view of the conv's output.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return self.norm(_map_to_tokens(x)), x.shape[2], x.shape[3]
 
 
 class EfficientSelfAttention(nn.Module):
@@ -77,8 +91,8 @@ class EfficientSelfAttention(nn.Module):
         head_dim = dim // self.num_heads
         q = self.q(x).view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
-            reduced = self.sr(x.transpose(1, 2).reshape(batch, dim, height, width))
-            x = self.sr_norm(reduced.flatten(2).transpose(1, 2))
+            reduced = self.sr(_tokens_to_map(x, height, width))
+            x = self.sr_norm(_map_to_tokens(reduced))
         k, v = self.kv(x).view(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
@@ -95,12 +109,8 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = self.fc1(x)
-        batch, _, channels = x.shape
-        # A channels-last view of the tokens: the depthwise conv runs without a transposing copy.
-        x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        x = self.act(self.dwconv(x))
-        return self.fc2(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))
+        x = self.act(self.dwconv(_tokens_to_map(self.fc1(x), height, width)))
+        return self.fc2(_map_to_tokens(x))
 
 
 class DropPath(nn.Module):
@@ -166,12 +176,12 @@ class Stage(nn.Module):
         x, height, width = self.patch_embed(x)
         for block in self.blocks:
             x = block(x, height, width)
-        x = self.norm(x)
-        return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+        return _tokens_to_map(self.norm(x), height, width)
 
 
 class MixTransformer(nn.Module):
-    """The MiT encoder: four stages, returning their feature maps (strides 4, 8, 16, 32)."""
+    """The MiT encoder: four stages, returning their feature maps (strides 4, 8, 16, 32) in
+    channels-last memory."""
 
     def __init__(
         self,
