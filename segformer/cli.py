@@ -12,11 +12,13 @@ import netrc
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import hydra
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import (
     CompactHydraException,
     InstantiationException,
@@ -68,6 +70,25 @@ def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_n
         main()
     except Exception as error:
         report(error)
+
+
+def compose(
+    config_dir: str | os.PathLike,
+    config_name: str,
+    overrides: Sequence[str] = (),
+    run_dir: str | os.PathLike | None = None,
+) -> DictConfig:
+    """The config a script would get from ``overrides``, composed outside a Hydra run (tests,
+    notebooks). ``${hydra:...}`` values resolve as in a run whose folder is ``run_dir``."""
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = hydra.compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.output_dir = str(Path(run_dir or cfg.hydra.run.dir).resolve())
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def check_required(cfg: DictConfig) -> None:

@@ -1,0 +1,189 @@
+"""The real configs: defaults, paper settings, the overrides users type, and config errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from omegaconf import OmegaConf
+
+from segformer import SegFormer, cli
+from segformer.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture
+def compose(tmp_path):
+    def _compose(name, *overrides):
+        return cli.compose(CONFIGS, name, overrides, run_dir=tmp_path / "run")
+
+    return _compose
+
+
+def _plain(cfg):
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_default_training_is_b0_on_the_sample_scenes(compose, tmp_path):
+    cfg = compose("train")
+    assert cfg.data.dataset._target_ == "segformer.data.SampleScenes"
+    assert cfg.model.variant == "b0" and cfg.model.pretrained is None
+    assert cfg.model.num_classes == cfg.data.num_classes
+    assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
+    assert cfg.trainer.check_val_every_n_epoch is None and cfg.trainer.max_epochs == -1
+    assert cfg.paths.output_dir == str(tmp_path / "run")
+    assert cfg.callbacks.model_checkpoint.dirpath == str(tmp_path / "run" / "checkpoints")
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == cfg.trainer.val_check_interval
+    assert cfg.callbacks.best_checkpoint.monitor == "val/mIoU" and cfg.callbacks.best_checkpoint.mode == "max"
+    assert list(cfg.logger) == ["csv"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_paper_experiments(compose, name):
+    cfg = compose("train", f"experiment={name}")
+    dataset, variant = name.split("_")[:2]
+    assert cfg.model.variant == variant
+    assert cfg.model.pretrained == f"nvidia/mit-{variant}"
+    assert cfg.trainer.max_steps == 160_000 and cfg.trainer.sync_batchnorm
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.head_lr_mult) == (6e-5, 0.01, 10.0)
+    assert (cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power) == (1500, 1e-6, 1.0)
+    total_batch = cfg.trainer.devices * cfg.data.batch_size
+    if dataset == "ade20k":
+        assert cfg.data.num_classes == 150 and total_batch == 16
+        assert cfg.data.inference.mode == "whole"
+        assert list(cfg.data.crop_size) == ([640, 640] if name.endswith("640") else [512, 512])
+    else:
+        assert cfg.data.num_classes == 19 and total_batch == 8
+        assert list(cfg.data.crop_size) == [1024, 1024]
+        assert cfg.data.inference.mode == "slide" and list(cfg.data.inference.stride) == [768, 768]
+
+
+@pytest.mark.parametrize("data, variant", [("ade20k", "b2"), ("cityscapes", "b0")])
+def test_choosing_data_and_model_gives_the_paper_setting(compose, data, variant):
+    by_choice = compose("train", f"model={variant}", f"data={data}")
+    by_experiment = compose("train", f"experiment={data}_{variant}")
+    assert _plain(by_choice) == _plain(by_experiment)
+
+
+def test_overrides_users_type(compose):
+    cfg = compose(
+        "train",
+        "model=b2",
+        "data=ade20k",
+        "data.root=/data/ade",
+        "trainer.max_steps=1000",
+        "data.batch_size=4",
+        "data.crop_size=[512,512]",
+        "optimizer.lr=1e-4",
+        "ckpt_path=/runs/x/checkpoints/last.ckpt",
+        "seed=7",
+    )
+    assert cfg.data.root == "/data/ade" and cfg.data.batch_size == 4 and list(cfg.data.crop_size) == [512, 512]
+    assert cfg.trainer.max_steps == 1000 and cfg.optimizer.lr == 1e-4 and cfg.seed == 7
+    assert cfg.ckpt_path == "/runs/x/checkpoints/last.ckpt"
+    # A run shorter than the paper's validation interval still validates and checkpoints at its end.
+    cli.fit_intervals_to_run(cfg)
+    assert cfg.trainer.val_check_interval == 1000
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == 1000
+
+
+def test_eval_config_takes_the_dataset_inference_and_overrides(compose):
+    cfg = compose("eval", "ckpt_path=x.ckpt", "data=cityscapes", "data.inference.mode=whole")
+    assert cfg.data.inference.mode == "whole" and cfg.save_predictions is False
+    cfg = compose("eval", "ckpt_path=x.ckpt", "data.inference.scales=[0.75,1.0,1.25]", "data.inference.flip=true")
+    assert list(cfg.data.inference.scales) == [0.75, 1.0, 1.25] and cfg.data.inference.flip
+
+
+def test_training_objects_instantiate(compose):
+    cfg = compose("train", "callbacks=[default,lr_monitor]")
+    model = SegFormer("b0", num_classes=3)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(model)
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 4
+    scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, 100)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    callbacks = cli.instantiate_callbacks(cfg.callbacks, has_logger=False)
+    assert [type(c) for c in callbacks] == [ModelCheckpoint, ModelCheckpoint, RichProgressBar, RichModelSummary]
+    assert cli.best_checkpoint(callbacks, "val/mIoU") is callbacks[1]
+    assert len(cli.instantiate_callbacks(cfg.callbacks, has_logger=True)) == 5
+    for choice in ("default", "cpu", "ddp_cpu"):
+        trainer = hydra.utils.instantiate(compose("train", f"trainer={choice}").trainer, logger=False)
+        assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_wandb_logger_never_asks_for_a_key(compose, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    (logger,) = cli.instantiate_loggers(compose("train", "logger=wandb").logger)
+    assert logger._offline
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    (logger,) = cli.instantiate_loggers(compose("train", "logger=wandb").logger)
+    assert not logger._offline
+
+
+def _run(monkeypatch, capsys, tmp_path, config_name, *overrides, task=lambda cfg: None):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", [f"{config_name}.py", f"hydra.run.dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(task, CONFIGS, config_name)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == cli.USER_ERROR_EXIT
+    assert "Traceback" not in err and err.startswith("error: ")
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model=b9", ["'model'", "b0, b1, b2, b3, b4, b5"]),
+        ("experiment=ade20k_b7", ["ade20k_b0", "cityscapes_b5", "ade20k_b5_640"]),
+        ("optimizer.lrr=1", ["'optimizer.lrr'", "Did you mean 'lr'?", "lr, betas, eps, weight_decay"]),
+        ("trainer.max_step=5", ["Did you mean 'max_steps'?", "val_check_interval"]),
+        ("seeed=1", ["Did you mean 'seed'?", "ckpt_path", "optimizer"]),
+        ("data.crop_size=[512,512", ["Could not parse the override 'data.crop_size=[512,512'"]),
+    ],
+)
+def test_config_mistakes_end_with_one_message(monkeypatch, capsys, tmp_path, override, expected):
+    err = _run(monkeypatch, capsys, tmp_path, "train", override)
+    for text in expected:
+        assert text in err
+
+
+def test_missing_required_values_are_named(monkeypatch, capsys, tmp_path):
+    err = _run(monkeypatch, capsys, tmp_path, "eval", "data=folder")
+    assert "ckpt_path" in err and "data.num_classes" in err
+
+
+def test_user_errors_from_the_run_end_with_their_message(monkeypatch, capsys, tmp_path):
+    def task(cfg):
+        raise DataError("No images in /nowhere.")
+
+    assert _run(monkeypatch, capsys, tmp_path, "train", task=task).strip() == "error: No images in /nowhere."
+
+
+def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
+    def task(cfg):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run(task, CONFIGS, "train")
+
+
+def test_the_script_reports_a_missing_checkpoint_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == cli.USER_ERROR_EXIT
+    assert result.stderr.strip().splitlines() == [
+        "error: Missing required value(s): ckpt_path. Set them on the command line: ckpt_path=..."
+    ]
