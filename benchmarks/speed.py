@@ -1,0 +1,233 @@
+"""SegFormer speed and memory against transformers' SegformerForSemanticSegmentation.
+
+Both models carry the same random weights (ours loaded from the transformers folder, so logits
+agree to 1e-4, checked before timing). Times are the median of N runs after a warm-up, the two
+models timed alternately in one process so both see the same machine state; peak memory is
+measured for each model in a fresh subprocess (CPU: peak resident set; CUDA: peak allocated).
+
+    python benchmarks/speed.py                      # the headline table (CPU, 2 threads)
+    python benchmarks/speed.py --only infer --variant b5 --size 640
+    python benchmarks/speed.py --device cuda --dtype bf16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from segformer import SegFormer
+from segformer.model.mit import MIT_VARIANTS
+from segformer.model.segformer import DECODER_DIMS
+
+
+def transformers_model(variant: str, num_labels: int, directory: Path):
+    """A random transformers SegFormer saved to ``directory`` (BatchNorm statistics randomised)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    mit = MIT_VARIANTS[variant]
+    config = SegformerConfig(
+        depths=list(mit.depths),
+        hidden_sizes=list(mit.hidden_sizes),
+        decoder_hidden_size=DECODER_DIMS[variant],
+        num_labels=num_labels,
+    )
+    torch.manual_seed(0)
+    model = SegformerForSemanticSegmentation(config)
+    bn = model.decode_head.batch_norm
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    model.save_pretrained(directory)
+    return model
+
+
+def load_pair(variant: str, num_labels: int, directory: Path, device: str, fast_head: bool = True):
+    theirs = transformers_model(variant, num_labels, directory).to(device)
+    ours = SegFormer.from_pretrained(directory, fast_head=fast_head).to(device)
+    return theirs, ours
+
+
+def logits_of(model, x):
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device: str):
+    def run():
+        with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
+            if not train:
+                with torch.inference_mode():
+                    return logits_of(model, x)
+            logits = logits_of(model, x)
+            up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(up.float(), labels, ignore_index=255)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss
+
+    return run
+
+
+def time_alternately(fns: dict, repeat: int, device: str) -> dict[str, float]:
+    for fn in fns.values():  # warm-up (and compilation)
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
+    device = args.device
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs, ours = load_pair(variant, args.num_classes, Path(tmp), device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, args.num_classes, (batch, size, size), device=device)
+    for model in (theirs, ours):
+        model.train(train)
+    if not train:
+        with torch.inference_mode():
+            error = (logits_of(theirs, x).float() - logits_of(ours, x).float()).abs().max().item()
+    else:
+        error = float("nan")
+    fns = {"transformers": step_fn(theirs, x, labels, train, autocast, device)}
+    if args.compile:
+        ours = torch.compile(ours)
+        fns["transformers"] = step_fn(torch.compile(theirs), x, labels, train, autocast, device)
+    fns["segformer"] = step_fn(ours, x, labels, train, autocast, device)
+    if args.reference_head and not args.compile:
+        ours_ref_head = copy.deepcopy(ours)
+        ours_ref_head.fast_head = False
+        fns["segformer (reference head)"] = step_fn(ours_ref_head, x, labels, train, autocast, device)
+    times = time_alternately(fns, args.repeat, device)
+    return {
+        "task": f"{'train step' if train else 'inference'} {variant} {size}x{size} batch {batch}",
+        "times": times,
+        "speedup": times["transformers"] / times["segformer"],
+        "max_abs_logit_diff": error,
+    }
+
+
+def peak_memory(args, variant: str, size: int, batch: int) -> dict[str, float]:
+    """Peak memory of one training step per implementation, each in a fresh process."""
+    peaks = {}
+    for impl in ("transformers", "segformer"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--_memory-child", impl, "--variant", variant, "--size", str(size),
+             "--batch", str(batch), "--device", args.device, "--dtype", args.dtype,
+             "--num-classes", str(args.num_classes)],
+            capture_output=True, text=True, check=True,
+        )
+        peaks[impl] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return peaks
+
+
+def memory_child(args) -> None:
+    device = args.device
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs, ours = load_pair(args.variant, args.num_classes, Path(tmp), device)
+    model = theirs if args._memory_child == "transformers" else ours
+    del theirs, ours
+    model.train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch, args.size, args.size), device=device)
+    step = step_fn(model, x, labels, True, autocast, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _rss_mib()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    print(json.dumps({"peak_mib": round(peak, 1)}))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["infer", "train", "memory"], help="run one measurement")
+    parser.add_argument("--variant", default=None, help="variant for --only (default: the headline set)")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=150)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--reference-head", action="store_true", help="also time our unfolded head")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--_memory-child", dest="_memory_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    if args._memory_child:
+        memory_child(args)
+        return
+
+    plan = []
+    if args.only in (None, "infer"):
+        plan += [("infer", v, args.size or 512, args.batch or 1) for v in ([args.variant] if args.variant else ["b0", "b2"])]
+    if args.only in (None, "train"):
+        plan += [("train", args.variant or "b0", args.size or 256, args.batch or 2)]
+    if args.only in (None, "memory"):
+        plan += [("memory", args.variant or "b2", args.size or 512, args.batch or 2)]
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {args.threads} threads"
+    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; compile {args.compile}")
+    print("| task | transformers | segformer | speedup | max abs logit diff |")
+    print("|---|---|---|---|---|")
+    results = []
+    for kind, variant, size, batch in plan:
+        if kind == "memory":
+            peaks = peak_memory(args, variant, size, batch)
+            row = f"| peak memory, train step {variant} {size}x{size} batch {batch} | {peaks['transformers']:.0f} MiB | {peaks['segformer']:.0f} MiB | {peaks['transformers'] / peaks['segformer']:.2f}x less | |"
+            results.append({"task": f"peak memory train {variant} {size} batch {batch}", "peak_mib": peaks})
+        else:
+            result = compare(args, variant, size, batch, train=kind == "train")
+            t = result["times"]
+            extra = f" (reference head {t['segformer (reference head)'] * 1000:.0f} ms)" if "segformer (reference head)" in t else ""
+            diff = "" if result["max_abs_logit_diff"] != result["max_abs_logit_diff"] else f"{result['max_abs_logit_diff']:.1e}"
+            row = f"| {result['task']} | {t['transformers'] * 1000:.0f} ms | {t['segformer'] * 1000:.0f} ms{extra} | {result['speedup']:.2f}x | {diff} |"
+            results.append(result)
+        print(row, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
