@@ -25,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 def evaluate(cfg: DictConfig) -> float | None:
     """Score ``cfg.ckpt_path`` on the data module's test split; returns the mIoU."""
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = SegFormer.from_pretrained(cfg.ckpt_path)
     if model.num_classes != datamodule.num_classes:
         raise CheckpointError(

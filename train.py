@@ -24,7 +24,9 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     cli.fit_intervals_to_run(cfg)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # Plain lists and dicts: checkpoints keep the data module's hyperparameters and must load
+    # with torch.load(weights_only=True).
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model)
     model.id2label = dict(enumerate(datamodule.classes))
     module = SegFormerModule(

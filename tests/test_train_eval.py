@@ -1,0 +1,137 @@
+"""train.py -> eval.py on a few sample scenes: checkpoints, logs, schedule, resume, metrics.json,
+prediction PNGs."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segformer import SegFormer, cli
+from segformer.inference import InferenceConfig, predict_batch
+from segformer.optim import warmup_poly_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+MAX_STEPS = 4
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_data(root: Path) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.dataset.num_train=8",
+        "data.dataset.num_val=2",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "data.num_workers=0",
+        "data.crop_size=[64,64]",
+    ]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _column(rows, key):
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    overrides = [
+        *_tiny_data(base / "sample"),
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+    ]
+    cfg = cli.compose(CONFIGS, "train", overrides, run_dir=base / "run")
+    best = _script("train").train(cfg)
+    return {"cfg": cfg, "best": best, "run": base / "run", "data": _tiny_data(base / "sample"), "base": base}
+
+
+def test_training_writes_checkpoints_and_logs(trained):
+    run = trained["run"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
+    rows = _rows(run / "csv" / "metrics.csv")
+    assert sorted(_column(rows, "train/loss")) == list(range(MAX_STEPS))
+    # Validation after optimizer steps 2 and 4; Lightning logs it at the step index of the last
+    # training batch (1 and 3).
+    val = _column(rows, "val/mIoU")
+    assert sorted(val) == [1, 3]
+    assert set(_column(rows, "val/aAcc")) == set(_column(rows, "val/mAcc")) == {1, 3}
+    assert trained["best"] == pytest.approx(max(val.values()))
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == MAX_STEPS
+    assert checkpoint["segformer"]["variant"] == "b0" and checkpoint["segformer"]["num_classes"] == 7
+
+
+def test_learning_rate_follows_the_configured_schedule(trained):
+    cfg = trained["cfg"]
+    lrs = _column(_rows(trained["run"] / "csv" / "metrics.csv"), "train/lr")
+    for step, lr in lrs.items():
+        factor = warmup_poly_factor(
+            step, MAX_STEPS, cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power
+        )
+        assert lr == pytest.approx(cfg.optimizer.lr * factor, rel=1e-5), step
+
+
+def test_eval_reproduces_validation_and_writes_dataset_ids(trained, tmp_path):
+    best_ckpt = trained["run"] / "checkpoints" / "best.ckpt"
+    overrides = [*trained["data"], f"ckpt_path={best_ckpt}", "save_predictions=true"]
+    cfg = cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval")
+    miou = _script("eval").evaluate(cfg)
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert miou == pytest.approx(trained["best"], abs=1e-6)
+    assert metrics["mIoU"] == pytest.approx(miou)
+    assert all(0.0 <= metrics[key] <= 1.0 for key in ("aAcc", "mIoU", "mAcc"))
+    assert list(metrics["per_class"]) == ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
+    assert set(metrics["per_class"]["dots"]) == {"IoU", "Acc"}
+
+    # One PNG per validation image, named after it, in the dataset's own ids (ADE20K-style k + 1),
+    # equal to the model's prediction.
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("test")
+    batch = next(iter(datamodule.test_dataloader()))
+    model = SegFormer.from_pretrained(best_ckpt).eval()
+    preds = predict_batch(model, batch, InferenceConfig.from_mapping(datamodule.inference))
+    predictions = tmp_path / "eval" / "predictions"
+    assert len(list(predictions.glob("*.png"))) == 2
+    for name, pred in zip(batch["names"], preds):
+        saved = np.array(Image.open(predictions / f"{name}.png"))
+        assert saved.dtype == np.uint8 and saved.shape == tuple(pred.shape)
+        np.testing.assert_array_equal(saved, pred.numpy() + 1)
+
+
+def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
+    overrides = [
+        *trained["data"],
+        f"trainer.max_steps={MAX_STEPS + 2}",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+        f"ckpt_path={trained['run'] / 'checkpoints' / 'last.ckpt'}",
+    ]
+    cfg = cli.compose(CONFIGS, "train", overrides, run_dir=tmp_path / "resumed")
+    _script("train").train(cfg)
+    rows = _rows(tmp_path / "resumed" / "csv" / "metrics.csv")
+    assert sorted(_column(rows, "train/loss")) == [MAX_STEPS, MAX_STEPS + 1]
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == MAX_STEPS + 2
