@@ -23,9 +23,11 @@ from segformer.predictions import PredictionWriter
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def evaluate(cfg: DictConfig) -> float | None:
+def evaluate(cfg: DictConfig) -> float:
     """Score ``cfg.ckpt_path`` on the data module's test split; returns the mIoU."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    # Only the evaluated split is read, so a dataset without its train split evaluates too.
+    datamodule.setup("test")
     model = SegFormer.from_pretrained(cfg.ckpt_path)
     if model.num_classes != datamodule.num_classes:
         raise CheckpointError(
@@ -33,7 +35,8 @@ def evaluate(cfg: DictConfig) -> float | None:
             f"{datamodule.num_classes}: evaluate it on the dataset it was trained for."
         )
     model.id2label = dict(enumerate(datamodule.classes))
-    module = SegFormerModule(model, inference=datamodule.inference, ignore_index=datamodule.ignore_index)
+    inference = {**datamodule.inference, "window_batch": cfg.window_batch}
+    module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index)
 
     output_dir = Path(cfg.paths.output_dir)
     callbacks = []
@@ -43,7 +46,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False
     )
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
 
     results = module.test_results
     if trainer.is_global_zero:
@@ -51,8 +54,9 @@ def evaluate(cfg: DictConfig) -> float | None:
             **results_to_json(results, module.class_names),
             "checkpoint": str(cfg.ckpt_path),
             "split": datamodule.splits["test"],
-            "inference": datamodule.inference,
+            "inference": inference,
         }
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print(format_table(results, module.class_names))
         print(f"Metrics: {output_dir / 'metrics.json'}")

@@ -33,7 +33,7 @@ def train(cfg: DictConfig) -> float | None:
         model,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
-        inference=datamodule.inference,
+        inference={**datamodule.inference, "window_batch": cfg.window_batch},
         ignore_index=datamodule.ignore_index,
         compile=cfg.compile,
     )

@@ -1,6 +1,7 @@
 """train.py -> eval.py on a few sample scenes: checkpoints, logs, schedule, resume, metrics.json,
 prediction PNGs."""
 
+import copy
 import csv
 import importlib.util
 import json
@@ -135,3 +136,50 @@ def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
     assert sorted(_column(rows, "train/loss")) == [MAX_STEPS, MAX_STEPS + 1]
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == MAX_STEPS + 2
+
+
+def _fake_cityscapes_val(root: Path, rng: np.random.Generator) -> None:
+    """Two 128x64 val images with random labelIds (ignored ids included); no train split."""
+    (root / "leftImg8bit" / "val" / "lindau").mkdir(parents=True)
+    (root / "gtFine" / "val" / "lindau").mkdir(parents=True)
+    for name in ("lindau_000000_000019", "lindau_000001_000019"):
+        image = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "leftImg8bit" / "val" / "lindau" / f"{name}_leftImg8bit.png")
+        label_ids = rng.integers(0, 34, (64, 128), dtype=np.uint8)
+        Image.fromarray(label_ids).save(root / "gtFine" / "val" / "lindau" / f"{name}_gtFine_labelIds.png")
+
+
+def test_eval_mIoU_equals_the_official_cityscapes_script_on_its_predictions(tmp_path):
+    cs_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    _fake_cityscapes_val(tmp_path / "cityscapes", np.random.default_rng(0))
+    torch.manual_seed(0)
+    SegFormer("b0", num_classes=19).save_pretrained(tmp_path / "model")
+    overrides = [
+        "data=cityscapes",
+        f"data.root={tmp_path / 'cityscapes'}",
+        "data.num_workers=0",
+        "data.scale=[128,64]",
+        "data.inference.crop_size=[64,64]",
+        "data.inference.stride=[48,48]",
+        f"ckpt_path={tmp_path / 'model'}",
+        "save_predictions=true",
+    ]
+    cfg = cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval")
+    assert cfg.data.inference.mode == "slide"
+    miou = _script("eval").evaluate(cfg)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+    args = copy.copy(cs_eval.args)
+    args.predictionPath, args.predictionWalk = str(tmp_path / "eval" / "predictions"), None
+    args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+    gt_files = sorted(str(p) for p in (tmp_path / "cityscapes" / "gtFine" / "val").rglob("*_labelIds.png"))
+    pred_files = [cs_eval.getPrediction(args, gt) for gt in gt_files]
+    official = cs_eval.evaluateImgLists(pred_files, gt_files, args)
+
+    assert miou == pytest.approx(official["averageScoreClasses"], abs=1e-6)
+    for train_id, (name, scores) in enumerate(metrics["per_class"].items()):
+        expected = official["classScores"][cs_eval.trainId2label[train_id].name]
+        if np.isnan(expected):
+            assert scores["IoU"] is None, name
+        else:
+            assert scores["IoU"] == pytest.approx(expected, abs=1e-6), name
