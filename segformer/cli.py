@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from segformer.errors import ConfigError, UserError
 
@@ -128,26 +128,26 @@ def user_error_message(error: BaseException) -> str | None:
         return _missing_config_message(error)
     if isinstance(error, OverrideParseException):
         reason = str(error).split("\nSee https://")[0].replace("\n", " ")
-        return f"Could not parse the override {error.override!r}: {reason}. Overrides look like key=value, group=choice or key=[a,b]."
+        return (
+            f"Could not parse the override {error.override!r}: {reason}. Overrides look like "
+            "key=value, group=choice or key=[a,b]."
+        )
     if isinstance(error, CompactHydraException):
         if isinstance(error.__cause__, OmegaConfBaseException):
             return _bad_key_message(error, error.__cause__)
         return str(error).replace("\n", " ")
-    if isinstance(error, MissingMandatoryValue):
-        return f"Missing required value {error.full_key}: set it on the command line ({error.full_key}=...)."
     if isinstance(error, MisconfigurationException):
         return str(error)
     return None
 
 
 def _user_cause(error: BaseException) -> UserError | None:
-    seen: set[int] = set()
+    """The UserError that ``error`` is or was raised from (Hydra wraps errors of constructors)."""
     current: BaseException | None = error
-    while current is not None and id(current) not in seen:
+    while current is not None:
         if isinstance(current, UserError):
             return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return None
 
 

@@ -20,12 +20,11 @@ from segformer.data.datasets import SegmentationDataset
 
 
 def write_prediction(directory: Path, name: str, pred: np.ndarray, dataset: SegmentationDataset) -> Path:
-    """Save one (H, W) map of training ids as ``directory/<name>.png`` in the dataset's ids."""
+    """Save one (H, W) map of training ids as ``directory/<name>.png`` in the dataset's ids
+    (8-bit, or 16-bit for ids above 255, as predict.py writes them)."""
     ids = dataset.to_dataset_ids(pred)
-    if ids.min() < 0 or ids.max() > 255:
-        raise ValueError(f"Prediction ids {ids.min()}..{ids.max()} do not fit an 8-bit PNG.")
     path = directory / f"{name}.png"
-    Image.fromarray(ids.astype(np.uint8)).save(path)
+    Image.fromarray(ids.astype(np.uint8 if ids.max(initial=0) <= 255 else np.uint16)).save(path)
     return path
 
 

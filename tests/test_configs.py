@@ -187,3 +187,18 @@ def test_the_script_reports_a_missing_checkpoint_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: Missing required value(s): ckpt_path. Set them on the command line: ckpt_path=..."
     ]
+
+
+def test_messages_of_errors_raised_elsewhere():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    worker = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\nsegformer.errors.DataError: Mask m.png holds values up to 300.\n'
+    )
+    assert cli.user_error_message(worker) == "Mask m.png holds values up to 300."
+    wrapped = hydra.errors.InstantiationException("Error in call to target")
+    wrapped.__cause__ = DataError("No images.")
+    assert cli.user_error_message(wrapped) == "No images."
+    assert cli.user_error_message(MisconfigurationException("You requested gpu: [0]")) == "You requested gpu: [0]"
+    assert cli.user_error_message(RuntimeError("bug")) is None
