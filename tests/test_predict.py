@@ -40,7 +40,7 @@ def _tiny_model(num_classes: int) -> SegFormer:
     model = SegFormer("b0", num_classes=num_classes, id2label={k: f"thing{k}" for k in range(num_classes)})
     # A random decoder predicts nearly one class everywhere; a spread-out classifier gives
     # label maps with several classes and boundaries to compare.
-    torch.nn.init.normal_(model.decode_head.classifier.weight, std=2.0)
+    torch.nn.init.normal_(model.decode_head.classifier.weight, std=0.5)
     return model.eval()
 
 
