@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from segformer.data.datasets import IMAGE_SUFFIXES, SegmentationDataset, read_image
+from segformer.data.datasets import IMAGE_SUFFIXES, SegmentationDataset
 from segformer.data.labels import generated_palette
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from segformer.errors import CheckpointError, ConfigError, DataError
@@ -272,6 +273,16 @@ def check_outputs(images: Sequence[Path], output: Path, overwrite: bool) -> None
         )
 
 
+def read_photo(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB as image viewers show it: EXIF orientation applied (phone photos), as
+    transformers' pipeline does too. Dataset readers do not, their masks follow the stored pixels."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+
+
 class ImageFiles(Dataset):
     """Images read and resized in DataLoader workers; an unreadable file becomes an ``error`` item
     instead of stopping the loader."""
@@ -285,9 +296,9 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
         try:
-            image = read_image(path)
+            image = read_photo(path)
         except DataError as error:
-            return {"path": path, "error": f"cannot read {path}: {error.__cause__ or error}"}
+            return {"path": path, "error": str(error)}
         pixel_values = self.transform(image=image)["image"]
         smallest = min(int(side * self.smallest_scale + 0.5) for side in pixel_values.shape[-2:])
         if smallest < MIN_INPUT_SIZE:
@@ -355,10 +366,9 @@ def predict_images(
     overwrite: bool = False,
     overlay_alpha: float = 0.5,
     progress: bool = True,
-    report: Callable[[str], None] = tqdm.write,
 ) -> list[tuple[Path, str]]:
     """Segment ``images`` into ``output``/{labels,colour,overlay}/; returns the (path, reason) of
-    every image that could not be read, after reporting each through ``report``."""
+    every image that could not be segmented, each also reported on stderr as it is skipped."""
     if not 0.0 <= overlay_alpha <= 1.0:
         raise ConfigError(f"overlay_alpha must be between 0 and 1, got {overlay_alpha}.")
     if batch_size < 1 or num_workers < 0:
@@ -371,7 +381,7 @@ def predict_images(
     with tqdm(total=len(images), unit="image", disable=not progress) as bar:
         for batch in _batches(predictor, images, batch_size, num_workers):
             for path, reason in batch["failed"]:
-                report(f"skipped {reason}")
+                tqdm.write(f"skipped {reason}", file=sys.stderr)
                 failed.append((path, reason))
             if batch["paths"]:
                 for path, image, pred in zip(batch["paths"], batch["images"], predictor.predict(batch)):

@@ -121,6 +121,17 @@ def test_too_small_images_are_skipped_by_name(model_dir, tmp_path):
     assert not (tmp_path / "out" / "labels" / "strip.png").exists()
 
 
+def test_photos_are_segmented_upright_as_viewers_show_them(model_dir, tmp_path):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 96, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    cfg = _compose(tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path / 'phone.jpg'}", f"output={tmp_path / 'out'}")
+    _script("predict").predict(cfg)
+    for kind, name in (("labels", "phone.png"), ("colour", "phone.png"), ("overlay", "phone.jpg")):
+        assert Image.open(tmp_path / "out" / kind / name).size == (48, 96)  # (width, height)
+
+
 def test_existing_outputs_are_refused_unless_overwrite(model_dir, images, tmp_path):
     out = tmp_path / "out"
     (out / "colour").mkdir(parents=True)
