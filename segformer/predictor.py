@@ -207,9 +207,9 @@ def _dataset(datamodule: Any, ckpt_path: str | os.PathLike, model: SegFormer) ->
         dataset = datamodule.dataset(datamodule.splits["test"])
     except DataError as error:
         raise DataError(
-            f"data=... gives the class palette and the dataset's own label ids, which are read from the "
-            f"dataset on disk: {error} Point data.root at the dataset, or leave data= out to write "
-            "training ids (and set scale=[long,short] to the test scale)."
+            "data=... reads the class palette and the dataset's own label ids from the dataset on disk: "
+            "point data.root at it, or leave data= out to write training ids (and set scale=[long,short] "
+            f"to its test scale). {error}"
         ) from error
     if dataset.num_classes != model.num_classes:
         raise CheckpointError(
