@@ -38,7 +38,7 @@ SAMPLE_PALETTE = (
     (245, 130, 48),
     (145, 30, 180),
 )
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "sample_manifest.json"
 SCENE_SIZES = ((160, 160), (144, 192), (192, 144), (128, 192))  # (height, width)
 
@@ -60,20 +60,20 @@ def _texture(rng: np.random.Generator, kind: int, height: int, width: int) -> np
     u = x * np.cos(angle) + y * np.sin(angle)
     v = -x * np.sin(angle) + y * np.cos(angle)
     if kind == _STRIPES:
-        period = rng.uniform(6, 12)
+        period = rng.uniform(8, 14)
         return (u % period) < period / 2
     if kind == _DOTS:
-        period = rng.uniform(7, 12)
+        period = rng.uniform(9, 14)
         radius = rng.uniform(0.22, 0.32) * period
         return ((u % period) - period / 2) ** 2 + ((v % period) - period / 2) ** 2 < radius**2
-    cell = rng.uniform(4, 8)
+    cell = rng.uniform(5, 9)
     return (np.floor(u / cell) + np.floor(v / cell)) % 2 == 0
 
 
 def _blob(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A random star-shaped polygon covering roughly a tenth to a third of the scene."""
+    """A random star-shaped polygon covering roughly a sixth to a half of the scene."""
     centre = np.array([rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height])
-    radius = rng.uniform(0.25, 0.42) * min(height, width)
+    radius = rng.uniform(0.3, 0.5) * min(height, width)
     angles = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(6, 10)))
     radii = radius * rng.uniform(0.6, 1.25, len(angles))
     points = centre + np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
@@ -84,7 +84,7 @@ def _blob(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 def _shape(rng: np.random.Generator, kind: int, height: int, width: int) -> np.ndarray:
     """A solid disc, rotated box or triangle at a random place and size."""
-    size = rng.uniform(10, 26)
+    size = rng.uniform(12, 28)
     centre = np.array([rng.uniform(size, width - size), rng.uniform(size, height - size)])
     region = np.zeros((height, width), np.uint8)
     if kind == _DISC:
@@ -113,7 +113,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     image = start + ramp[..., None] * (end - start)
     labels = np.full((height, width), _BACKGROUND, np.uint8)
 
-    for kind in rng.choice([_STRIPES, _DOTS, _CHECKERS], size=rng.integers(1, 4), replace=False):
+    for kind in rng.choice([_STRIPES, _DOTS, _CHECKERS], size=rng.integers(2, 4), replace=False):
         region = _blob(rng, height, width)
         first = _colour(rng)
         pattern = _texture(rng, kind, height, width)[..., None]
