@@ -26,7 +26,10 @@ def predict(cfg: DictConfig) -> int:
     predictor = load_predictor(cfg.ckpt_path, cfg.get("data"), cfg.scale, cfg.inference, cfg.device)
     print(predictor.describe())
     if predictor.dataset is None and predictor.run_config is None and cfg.scale is None:
-        print("Neither data=<dataset> nor the checkpoint's training run gives the test scale: set scale=[long,short] if it differs.")
+        print(
+            "Neither data=<dataset> nor the checkpoint's training run gives the test scale: "
+            "set scale=[long,short] if it differs."
+        )
     if predictor.dataset is None:
         print("Label PNGs hold training ids 0..K-1; give data=<dataset> for the dataset's own ids and palette.")
     failed = predict_images(
@@ -42,8 +45,8 @@ def predict(cfg: DictConfig) -> int:
     written = len(images) - len(failed)
     print(f"Segmented {written} of {len(images)} image(s) into {Path(cfg.output).expanduser()}")
     if failed:
-        names = ", ".join(str(path) for path, _ in failed[:10])
-        raise DataError(f"{len(failed)} input(s) could not be segmented and were skipped: {names}{' ...' if len(failed) > 10 else ''}.")
+        names = ", ".join(str(path) for path, _ in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise DataError(f"{len(failed)} input(s) could not be segmented and were skipped: {names}.")
     return written
 
 

@@ -142,7 +142,9 @@ def onnx_parity(model: nn.Module, path: Path, sizes: Sequence[Sequence[int]]) ->
     return difference, magnitude
 
 
-def find_metrics(ckpt_path: str | os.PathLike, metrics: str | os.PathLike | None, log_dir: str | os.PathLike) -> Path | None:
+def find_metrics(
+    ckpt_path: str | os.PathLike, metrics: str | os.PathLike | None, log_dir: str | os.PathLike
+) -> Path | None:
     """eval.py's metrics.json for this checkpoint: ``metrics`` when given, else one beside the
     checkpoint or in its training run, else the newest eval run under ``log_dir`` that scored it."""
     if metrics is not None:
@@ -168,7 +170,9 @@ def _scores(metrics: Path, checkpoint: Path, ckpt_path: str | os.PathLike) -> bo
         return False
     if source is None:
         return False
-    return source == str(ckpt_path) or (checkpoint.exists() and Path(source).expanduser().resolve() == checkpoint.resolve())
+    return source == str(ckpt_path) or (
+        checkpoint.exists() and Path(source).expanduser().resolve() == checkpoint.resolve()
+    )
 
 
 def training_config(predictor: Predictor, ckpt_path: str | os.PathLike) -> str | None:
@@ -276,7 +280,9 @@ def _differences(predictor: Predictor) -> list[str]:
         "their test size.",
     ]
     if p.size_divisor:
-        notes.append(f"- The processor cannot round sides up to a multiple of {p.size_divisor} as segformer's test transform does.")
+        notes.append(
+            f"- The processor cannot round sides up to a multiple of {p.size_divisor} as segformer's test transform does."
+        )
     if i.mode == "slide" or i.scales != (1.0,) or i.flip:
         notes.append("- The pipeline runs the whole image once: sliding windows, multi-scale and flip are not applied.")
     if predictor.model.norm_eps != FORMATS["transformers"].norm_eps:
@@ -350,7 +356,9 @@ def export(cfg: DictConfig) -> Path:
         sizes = OmegaConf.to_container(cfg.onnx.check_sizes) or []
         if sizes:
             difference, magnitude = onnx_parity(predictor.model, path, sizes)
-            print(f"onnxruntime vs PyTorch at {sizes}: max |logit difference| {difference:.2e} (logits up to {magnitude:.1f})")
+            print(
+                f"onnxruntime vs PyTorch at {sizes}: max |logit difference| {difference:.2e} (logits up to {magnitude:.1f})"
+            )
             # float32 rounding grows with the logits' size: the bound is per unit of logit above 1.
             if difference > cfg.onnx.atol * max(1.0, magnitude):
                 raise RuntimeError(
@@ -358,7 +366,9 @@ def export(cfg: DictConfig) -> Path:
                     f"x {max(1.0, magnitude):.1f} (the largest logit)."
                 )
     metrics = json.loads(metrics_path.read_text()) if metrics_path is not None else None
-    card = model_card(predictor, cfg.format, str(cfg.ckpt_path), metrics, metrics_path, training_config(predictor, cfg.ckpt_path))
+    card = model_card(
+        predictor, cfg.format, str(cfg.ckpt_path), metrics, metrics_path, training_config(predictor, cfg.ckpt_path)
+    )
     (output / "README.md").write_text(card)
     print(f"Exported ({cfg.format}) to {output}" + (f" with the scores of {metrics_path}" if metrics_path else ""))
     return output

@@ -238,7 +238,10 @@ def find_images(pattern: str | os.PathLike) -> list[Path]:
     elif glob.has_magic(text):
         found, where = sorted(Path(p) for p in glob.glob(text, recursive=True)), f"the pattern {text!r} matches"
     else:
-        raise DataError(f"input={str(pattern)!r} does not exist: give an image file, a folder of images or a glob such as 'photos/*.jpg'.")
+        raise DataError(
+            f"input={str(pattern)!r} does not exist: give an image file, a folder of images or a glob "
+            "such as 'photos/*.jpg'."
+        )
     images = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise DataError(f"input: {where} no image files ({', '.join(IMAGE_SUFFIXES)}).")
@@ -372,7 +375,9 @@ def predict_images(
     if not 0.0 <= overlay_alpha <= 1.0:
         raise ConfigError(f"overlay_alpha must be between 0 and 1, got {overlay_alpha}.")
     if batch_size < 1 or num_workers < 0:
-        raise ConfigError(f"batch_size must be at least 1 and num_workers at least 0, got {batch_size} and {num_workers}.")
+        raise ConfigError(
+            f"batch_size must be at least 1 and num_workers at least 0, got {batch_size} and {num_workers}."
+        )
     output = Path(output).expanduser()
     check_outputs(images, output, overwrite)
     for kind in OUTPUTS:
@@ -384,13 +389,15 @@ def predict_images(
                 tqdm.write(f"skipped {reason}", file=sys.stderr)
                 failed.append((path, reason))
             if batch["paths"]:
-                for path, image, pred in zip(batch["paths"], batch["images"], predictor.predict(batch)):
+                for path, image, pred in zip(batch["paths"], batch["images"], predictor.predict(batch), strict=True):
                     write_outputs(predictor, output, path, image, pred, overlay_alpha)
             bar.update(len(batch["paths"]) + len(batch["failed"]))
     return failed
 
 
-def _batches(predictor: Predictor, images: Sequence[Path], batch_size: int, num_workers: int) -> Iterator[dict[str, Any]]:
+def _batches(
+    predictor: Predictor, images: Sequence[Path], batch_size: int, num_workers: int
+) -> Iterator[dict[str, Any]]:
     files = ImageFiles(images, predictor.preprocessing.transform(), min(predictor.inference.scales))
     yield from DataLoader(
         files,

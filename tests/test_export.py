@@ -17,7 +17,6 @@ from segformer.export import export, onnx_parity
 from segformer.predictor import find_images, load_predictor, predict_images
 
 transformers = pytest.importorskip("transformers")
-onnxruntime = pytest.importorskip("onnxruntime")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAMES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
@@ -44,11 +43,17 @@ def run(tmp_path_factory) -> Path:
         "scale": list(SCALE),
         "inference": {"mode": "whole"},
     }
-    OmegaConf.save({"data": data, "model": {"variant": "b0"}, "optimizer": {"lr": 6e-5}}, folder / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        {"data": data, "model": {"variant": "b0"}, "optimizer": {"lr": 6e-5}}, folder / ".hydra" / "config.yaml"
+    )
     scores = {
-        "aAcc": 0.9, "mIoU": 0.5, "mAcc": 0.6,
+        "aAcc": 0.9,
+        "mIoU": 0.5,
+        "mAcc": 0.6,
         "per_class": {name: {"IoU": k / 10, "Acc": 0.5} for k, name in enumerate(NAMES)},
-        "checkpoint": str(checkpoint), "split": "val", "inference": {"mode": "whole"},
+        "checkpoint": str(checkpoint),
+        "split": "val",
+        "inference": {"mode": "whole"},
     }
     (base / "eval" / "runs" / "older").mkdir(parents=True)
     (base / "eval" / "runs" / "older" / "metrics.json").write_text(json.dumps({**scores, "checkpoint": "other.ckpt"}))
@@ -74,11 +79,16 @@ def _noise_image(path: Path, height: int, width: int) -> Path:
     return path
 
 
-@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="keep-ratio processor sizes need transformers 5")
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="keep-ratio processor sizes need transformers 5"
+)
 def test_transformers_pipeline_gives_the_masks_of_our_predict(run, tmp_path):
     folder = _export(run, tmp_path, f"output={tmp_path / 'hf'}")
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
     ]
     processor_config = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor_config["size"] == {"shortest_edge": 96, "longest_edge": 128}
@@ -109,8 +119,14 @@ def test_transformers_pipeline_gives_the_masks_of_our_predict(run, tmp_path):
 
 
 def test_onnx_matches_pytorch_at_two_sizes(run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
     folder = _export(run, tmp_path, "format=onnx", f"output={tmp_path / 'onnx'}", "onnx.check_sizes=[[64,96]]")
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.onnx", "preprocessor_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.onnx",
+        "preprocessor_config.json",
+    ]
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     (pixel_values,) = session.get_inputs()
     assert pixel_values.name == "pixel_values" and pixel_values.shape == ["batch", 3, "height", "width"]
@@ -144,13 +160,21 @@ def test_model_card_has_variant_dataset_classes_scores_and_training_config(run, 
 
 def test_dataset_config_sets_label_reduction_and_names(run, tmp_path):
     folder = _export(
-        run, tmp_path, f"output={tmp_path / 'hf'}", "data=sample", f"data.root={tmp_path / 'sample'}",
-        "data.dataset.num_train=1", "data.dataset.num_val=1",
+        run,
+        tmp_path,
+        f"output={tmp_path / 'hf'}",
+        "data=sample",
+        f"data.root={tmp_path / 'sample'}",
+        "data.dataset.num_train=1",
+        "data.dataset.num_val=1",
     )
     # The sample scenes are stored like ADE20K (0 = unlabelled, class k as k + 1).
     assert json.loads((folder / "preprocessor_config.json").read_text())["do_reduce_labels"] is True
     # data=sample's own scale [192, 160] wins over the training run's.
-    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {"shortest_edge": 160, "longest_edge": 192}
+    assert json.loads((folder / "preprocessor_config.json").read_text())["size"] == {
+        "shortest_edge": 160,
+        "longest_edge": 192,
+    }
 
 
 def test_existing_exports_and_unknown_formats_are_refused(run, tmp_path):

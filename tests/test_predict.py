@@ -70,15 +70,17 @@ def _compose(tmp_path: Path, *overrides: str):
     return cli.compose(CONFIGS, "predict", ["num_workers=0", "progress=false", *overrides], run_dir=tmp_path / "run")
 
 
-def _expected(model: SegFormer, path: Path, scale=SCALE, config=InferenceConfig()) -> np.ndarray:
+def _expected(model: SegFormer, path: Path, scale=SCALE) -> np.ndarray:
     image = np.asarray(Image.open(path).convert("RGB"))
     pixel_values = eval_transform(scale)(image=image)["image"][None]
-    return predict_probs(model, pixel_values, image.shape[:2], config).argmax(0).numpy()
+    return predict_probs(model, pixel_values, image.shape[:2], InferenceConfig()).argmax(0).numpy()
 
 
 def test_predict_writes_label_palette_and_overlay_per_image(model_dir, images, tmp_path):
     out = tmp_path / "out"
-    cfg = _compose(tmp_path, f"ckpt_path={model_dir}", f"input={images}", f"output={out}", f"scale={SCALE}", "batch_size=3")
+    cfg = _compose(
+        tmp_path, f"ckpt_path={model_dir}", f"input={images}", f"output={out}", f"scale={SCALE}", "batch_size=3"
+    )
     with pytest.raises(DataError, match="corrupt.png") as error:
         _script("predict").predict(cfg)
     assert "1 input(s)" in str(error.value) and "wide" not in str(error.value)
@@ -100,9 +102,20 @@ def test_predict_writes_label_palette_and_overlay_per_image(model_dir, images, t
 def test_command_names_unreadable_inputs_and_exits_non_zero(model_dir, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={model_dir}", f"input={images}/*.png",
-         f"output={tmp_path / 'out'}", "scale=[128,96]", "num_workers=1", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            str(ROOT / "predict.py"),
+            f"ckpt_path={model_dir}",
+            f"input={images}/*.png",
+            f"output={tmp_path / 'out'}",
+            "scale=[128,96]",
+            "num_workers=1",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert run.returncode == 2, run.stderr
     assert f"skipped cannot read {images / 'corrupt.png'}" in run.stderr + run.stdout
@@ -114,7 +127,9 @@ def test_command_names_unreadable_inputs_and_exits_non_zero(model_dir, images, t
 def test_too_small_images_are_skipped_by_name(model_dir, tmp_path):
     Image.fromarray(np.zeros((12, 300, 3), np.uint8)).save(tmp_path / "strip.png")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "fine.png")
-    cfg = _compose(tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path}/*.png", f"output={tmp_path / 'out'}", f"scale={SCALE}")
+    cfg = _compose(
+        tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path}/*.png", f"output={tmp_path / 'out'}", f"scale={SCALE}"
+    )
     with pytest.raises(DataError, match="strip.png"):
         _script("predict").predict(cfg)
     assert (tmp_path / "out" / "labels" / "fine.png").is_file()
@@ -149,8 +164,15 @@ def test_dataset_config_gives_dataset_ids_palette_and_test_scale(tmp_path, image
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     cfg = _compose(
-        tmp_path, f"ckpt_path={tmp_path / 'model'}", f"input={images}/wide.png", f"output={out}", "data=sample",
-        f"data.root={tmp_path / 'sample'}", "data.dataset.num_train=1", "data.dataset.num_val=1", "data.scale=[64,48]",
+        tmp_path,
+        f"ckpt_path={tmp_path / 'model'}",
+        f"input={images}/wide.png",
+        f"output={out}",
+        "data=sample",
+        f"data.root={tmp_path / 'sample'}",
+        "data.dataset.num_train=1",
+        "data.dataset.num_val=1",
+        "data.scale=[64,48]",
     )
     _script("predict").predict(cfg)
     train_ids = _expected(model, images / "wide.png", scale=[64, 48])
@@ -162,8 +184,14 @@ def test_dataset_config_gives_dataset_ids_palette_and_test_scale(tmp_path, image
 
 def test_dataset_with_other_class_count_is_refused(model_dir, images, tmp_path):
     cfg = _compose(
-        tmp_path, f"ckpt_path={model_dir}", f"input={images}", f"output={tmp_path / 'out'}", "data=sample",
-        f"data.root={tmp_path / 'sample'}", "data.dataset.num_train=1", "data.dataset.num_val=1",
+        tmp_path,
+        f"ckpt_path={model_dir}",
+        f"input={images}",
+        f"output={tmp_path / 'out'}",
+        "data=sample",
+        f"data.root={tmp_path / 'sample'}",
+        "data.dataset.num_train=1",
+        "data.dataset.num_val=1",
     )
     with pytest.raises(CheckpointError, match="predicts 4 classes but SampleScenes has 7"):
         _script("predict").predict(cfg)
@@ -176,7 +204,11 @@ def test_settings_come_from_the_training_run_unless_overridden(tmp_path):
     (run / ".hydra").mkdir()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "segformer": model.config}, run / "checkpoints" / "best.ckpt")
-    data = {"scale": [64, 48], "size_divisor": 16, "inference": {"mode": "slide", "crop_size": [32, 32], "stride": [24, 24]}}
+    data = {
+        "scale": [64, 48],
+        "size_divisor": 16,
+        "inference": {"mode": "slide", "crop_size": [32, 32], "stride": [24, 24]},
+    }
     OmegaConf.save({"data": data}, run / ".hydra" / "config.yaml")
 
     predictor = load_predictor(run / "checkpoints" / "best.ckpt", device="cpu")
@@ -184,7 +216,9 @@ def test_settings_come_from_the_training_run_unless_overridden(tmp_path):
     assert predictor.inference == InferenceConfig("slide", (32, 32), (24, 24))
     assert predictor.run_dir == run and predictor.class_names == ["thing0", "thing1", "thing2"]
 
-    overridden = load_predictor(run / "checkpoints" / "best.ckpt", scale=[96, 80], inference={"mode": "whole", "flip": True}, device="cpu")
+    overridden = load_predictor(
+        run / "checkpoints" / "best.ckpt", scale=[96, 80], inference={"mode": "whole", "flip": True}, device="cpu"
+    )
     assert overridden.preprocessing.scale == (96, 80) and overridden.preprocessing.size_divisor == 16
     assert overridden.inference.mode == "whole" and overridden.inference.flip
 
@@ -195,7 +229,13 @@ def test_settings_come_from_the_training_run_unless_overridden(tmp_path):
 
 def test_inputs_are_image_files_of_a_file_folder_or_glob(images, tmp_path):
     assert [p.name for p in find_images(images)] == ["corrupt.png", "small.png", "square.png", "tall.jpg", "wide.png"]
-    assert [p.name for p in find_images(f"{images}/**/*.png")] == ["corrupt.png", "inner.png", "small.png", "square.png", "wide.png"]
+    assert [p.name for p in find_images(f"{images}/**/*.png")] == [
+        "corrupt.png",
+        "inner.png",
+        "small.png",
+        "square.png",
+        "wide.png",
+    ]
     assert find_images(images / "tall.jpg") == [images / "tall.jpg"]
     with pytest.raises(DataError, match="matches no image files"):
         find_images(f"{images}/*.gif")
