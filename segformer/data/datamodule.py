@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segformer.data.datasets import IGNORE_INDEX, SegmentationDataset
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from segformer.distributed import EvalSampler
 from segformer.errors import ConfigError
 
 INFERENCE_MODES = ("whole", "slide")
@@ -230,6 +231,8 @@ class SegDataModule(L.LightningDataModule):
             samples,
             batch_size=batch_size,
             shuffle=train,
+            # Under DDP each evaluation image goes to one rank only (no padding, no double counting).
+            sampler=None if train else EvalSampler(samples),
             drop_last=train and len(samples) >= batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
