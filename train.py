@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from segformer import cli
+from segformer import cli, cluster
 from segformer.module import SegFormerModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -42,7 +42,13 @@ def train(cfg: DictConfig) -> float | None:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     cli.log_config(loggers, cfg)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # Without ckpt_path, a run folder that already holds checkpoints (a requeued SLURM job) resumes.
+    ckpt_path = cfg.ckpt_path or cluster.resume_checkpoint(trainer, callbacks)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        # The next job of a multirun must not log into this job's W&B run.
+        cli.finish_loggers(loggers)
 
     best = cli.best_checkpoint(callbacks, "val/mIoU")
     score = best.best_model_score if best is not None else trainer.callback_metrics.get("val/mIoU")

@@ -33,9 +33,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from segformer import cluster
 from segformer.errors import ConfigError, UserError
 
 USER_ERROR_EXIT = 2
+
+# ${run_name:...} in configs/hydra: resolvable wherever a config is composed, launcher workers included.
+cluster.register_resolvers()
 
 T = TypeVar("T")
 
@@ -242,6 +246,16 @@ def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close the W&B run of this process (WandbLogger leaves it open, and a later WandbLogger in
+    the same process, the next job of a multirun, would log into it)."""
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def best_checkpoint(callbacks: list[Callback], monitor: str) -> ModelCheckpoint | None:
