@@ -1,0 +1,269 @@
+"""Dashboard callbacks: what each validation looked like, how fast training runs, and a progress
+bar over the whole run.
+
+Each logger gets what it can show: W&B images with prediction and ground-truth masks (class
+names on hover), a per-class table and the confusion matrix; TensorBoard the overlays, the
+confusion matrix and a per-class text table; CSV one column per class (val/IoU/<class>).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segformer.distributed import batch_summary
+from segformer.visualize import (
+    colorize,
+    confusion_matrix_image,
+    denormalize,
+    make_palette,
+    overlay,
+    resize_image,
+)
+
+
+def _logged_step(trainer: Trainer) -> int:
+    # The step number Lightning's own logging uses at this point, so rows and x-axes line up.
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+class ValidationDashboard(Callback):
+    """After each validation (not the sanity check): ``num_images`` validation images of rank 0
+    with their predicted and ground-truth masks, the per-class IoU / Acc and the confusion matrix.
+
+    Reads the scores from ``pl_module.val_results`` (summed over all ranks), class names from
+    ``pl_module.class_names`` and colours from the data module's palette.
+    """
+
+    def __init__(self, num_images: int = 4, confusion_matrix: bool = True, alpha: float = 0.5) -> None:
+        self.num_images = num_images
+        self.confusion_matrix = confusion_matrix
+        self.alpha = alpha
+        self._samples: list[dict[str, Any]] = []
+
+    def _active(self, trainer: Trainer) -> bool:
+        return bool(trainer.loggers) and not trainer.sanity_checking and trainer.is_global_zero
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._samples = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Mapping[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active(trainer) or len(self._samples) >= self.num_images or not outputs:
+            return
+        hparams = getattr(trainer.datamodule, "hparams", {}) or {}
+        mean, std = hparams.get("mean", IMAGENET_MEAN), hparams.get("std", IMAGENET_STD)
+        for i, pred in enumerate(outputs[: self.num_images - len(self._samples)]):
+            (h, w), (label_h, label_w) = batch["image_sizes"][i].tolist(), batch["label_sizes"][i].tolist()
+            image = denormalize(batch["pixel_values"][i, :, :h, :w], mean, std)
+            self._samples.append(
+                {
+                    "name": batch["names"][i],
+                    "image": resize_image(image, label_h, label_w),
+                    "labels": batch["labels"][i, :label_h, :label_w].cpu().numpy().astype(np.uint8),
+                    "pred": pred.cpu().numpy().astype(np.uint8),
+                }
+            )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results: Mapping[str, Tensor] = getattr(pl_module, "val_results", {})
+        if not self._active(trainer) or not results:
+            return
+        names = list(pl_module.class_names)
+        palette = make_palette(len(names), getattr(trainer.datamodule, "palette", None))
+        step = _logged_step(trainer)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._to_wandb(logger, results, names, step)
+            elif isinstance(logger, TensorBoardLogger):
+                self._to_tensorboard(logger, results, names, palette, trainer.global_step)
+            elif isinstance(logger, CSVLogger):
+                self._to_columns(logger, results, names, step)
+        self._samples = []
+
+    def _per_class(self, results: Mapping[str, Tensor], names: Sequence[str]) -> list[list[Any]]:
+        def value(x: Tensor) -> float | None:
+            number = float(x)
+            return None if np.isnan(number) else round(number, 6)
+
+        return [[name, value(iou), value(acc)] for name, iou, acc in zip(names, results["IoU"], results["Acc"])]
+
+    def _to_wandb(self, logger: WandbLogger, results: Mapping[str, Tensor], names: list[str], step: int) -> None:
+        class_labels = {i: name for i, name in enumerate(names)}
+        if self._samples:
+            masks = [
+                {
+                    "predictions": {"mask_data": s["pred"], "class_labels": class_labels},
+                    "ground_truth": {"mask_data": s["labels"], "class_labels": {**class_labels, 255: "ignore"}},
+                }
+                for s in self._samples
+            ]
+            logger.log_image(
+                "val/predictions",
+                [s["image"] for s in self._samples],
+                step=step,
+                masks=masks,
+                caption=[s["name"] for s in self._samples],
+            )
+        logger.log_table("val/per_class", columns=["class", "IoU", "Acc"], data=self._per_class(results, names), step=step)
+        if self.confusion_matrix:
+            logger.log_image("val/confusion_matrix", [confusion_matrix_image(results["confusion_matrix"], names)], step=step)
+
+    def _to_tensorboard(
+        self,
+        logger: TensorBoardLogger,
+        results: Mapping[str, Tensor],
+        names: list[str],
+        palette: np.ndarray,
+        step: int,
+    ) -> None:
+        writer = logger.experiment
+        for s in self._samples:
+            # image | ground truth over image | prediction over image
+            panel = np.concatenate(
+                [
+                    s["image"],
+                    overlay(s["image"], s["labels"], palette, self.alpha),
+                    overlay(s["image"], s["pred"], palette, self.alpha),
+                ],
+                axis=1,
+            )
+            writer.add_image(f"val/predictions/{s['name']}", panel, step, dataformats="HWC")
+        if self._samples:
+            writer.add_image("val/legend", _legend(names, palette), step, dataformats="HWC")
+        rows = self._per_class(results, names)
+        table = ["| class | IoU | Acc |", "|---|---|---|"]
+        table += [f"| {n} | {_pct(i)} | {_pct(a)} |" for n, i, a in rows]
+        writer.add_text("val/per_class", "\n".join(table), step)
+        if self.confusion_matrix:
+            image = confusion_matrix_image(results["confusion_matrix"], names)
+            writer.add_image("val/confusion_matrix", image, step, dataformats="HWC")
+
+    def _to_columns(self, logger: Logger, results: Mapping[str, Tensor], names: list[str], step: int) -> None:
+        metrics = {f"val/IoU/{name}": iou for name, iou, _ in self._per_class(results, names) if iou is not None}
+        if metrics:
+            logger.log_metrics(metrics, step=step)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _legend(names: Sequence[str], palette: np.ndarray) -> np.ndarray:
+    """One colour swatch per class, stacked, for reading the TensorBoard overlays."""
+    from PIL import Image, ImageDraw
+
+    height = 14
+    image = Image.new("RGB", (220, height * len(names)), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(names):
+        draw.rectangle([2, i * height + 2, 14, i * height + height - 2], fill=tuple(int(c) for c in palette[i]))
+        draw.text((20, i * height + 1), name, fill=(0, 0, 0))
+    return np.asarray(image)
+
+
+class TrainingSpeed(Callback):
+    """Images per second (all ranks together, data loading included, validation excluded) and, on
+    GPUs, peak memory per device, logged as train/images_per_sec and train/gpu_mem_gb every
+    ``trainer.log_every_n_steps`` optimizer steps; the per-device and global batch size are
+    printed when training starts."""
+
+    def __init__(self) -> None:
+        self._images = 0
+        self._seconds = 0.0
+        self._since: float | None = None
+        self._logged_step = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        per_device = getattr(trainer.datamodule, "batch_size", None)
+        if per_device is not None:
+            rank_zero_info(
+                batch_summary(int(per_device), trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
+            )
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._since = None  # the clock restarts with the next training batch
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._since is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = time.perf_counter()
+        self._seconds += now - self._since
+        self._since = now
+        self._images += int(batch["pixel_values"].shape[0]) * trainer.world_size
+        step = _logged_step(trainer)
+        # Lightning's own cadence and step numbers, so these values share rows with train/loss.
+        if (step + 1) % max(int(trainer.log_every_n_steps), 1) or step == self._logged_step or self._seconds <= 0:
+            return
+        metrics = {"train/images_per_sec": self._images / self._seconds}
+        if pl_module.device.type == "cuda":
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self._images, self._seconds, self._logged_step = 0, 0.0, step
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar whose training bar counts optimizer steps up to ``trainer.max_steps``,
+    with elapsed and remaining time for the whole run, instead of restarting every epoch (training
+    here is iteration-based and spans many epochs). Validation and test bars are Rich's own."""
+
+    def _by_steps(self) -> bool:
+        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self._by_steps():
+            return f"{'Training':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._by_steps():
+            return super().on_train_epoch_start(trainer, pl_module)
+        if self.train_progress_bar_id is None:
+            super().on_train_epoch_start(trainer, pl_module)
+            # A resumed run starts where it stopped.
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
