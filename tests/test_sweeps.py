@@ -1,0 +1,89 @@
+"""Sweeps: a Hydra multirun of two jobs (own folders, own closed W&B runs) and an Optuna search
+of two trials maximising the val/mIoU that train.py returns."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segformer import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _train_function():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    return [
+        f"data.root={tmp_path / 'sample'}",
+        "data.dataset.num_train=4",
+        "data.dataset.num_val=2",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "data.num_workers=0",
+        "data.crop_size=[64,64]",
+        "data.inference.scales=[1.0]",
+        "data.inference.flip=false",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.rich_model_summary=null",
+        "callbacks.rich_progress_bar=null",
+    ]
+
+
+def _sweep(monkeypatch, tmp_path, *overrides) -> list[float | None]:
+    """Run ``train.py -m ...`` in this process; returns what each job returned."""
+    train = _train_function()
+    returned = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])
+    cli.run(lambda cfg: returned.append(train(cfg)) or returned[-1], CONFIGS, "train")
+    return returned
+
+
+def _best_val(job: Path) -> float:
+    with open(job / "csv" / "metrics.csv") as handle:
+        return max(float(r["val/mIoU"]) for r in csv.DictReader(handle) if r.get("val/mIoU"))
+
+
+def test_multirun_jobs_get_their_own_folders_and_wandb_runs(monkeypatch, tmp_path):
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline
+    returned = _sweep(monkeypatch, tmp_path, "optimizer.lr=1e-4,2e-4", "logger=[csv,wandb]", *_tiny(tmp_path))
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    runs = []
+    for job, lr, value in zip(jobs, (1e-4, 2e-4), returned):
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] == lr
+        assert value == pytest.approx(_best_val(job))
+        (run,) = (job / "wandb").glob("offline-run-*")
+        runs.append(run.name.rsplit("-", 1)[1])
+    assert runs[0] != runs[1]  # the second job did not log into the first job's run
+    assert wandb.run is None
+
+
+def test_optuna_sweep_maximises_the_returned_val_miou(monkeypatch, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
+    returned = _sweep(
+        monkeypatch, tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=csv", *_tiny(tmp_path)
+    )
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    trials = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in trials] == ["0", "1"]
+    scores = [_best_val(trial) for trial in trials]
+    assert returned == pytest.approx(scores)
+    assert results["best_value"] == pytest.approx(max(scores))
+    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "optimizer.head_lr_mult"}
+    assert 1e-5 <= results["best_params"]["optimizer.lr"] <= 1e-3
