@@ -6,6 +6,7 @@ uint8 RGB array that any logger takes.
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,13 +19,15 @@ IGNORE_COLOUR = (0, 0, 0)
 
 def make_palette(num_classes: int, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """(num_classes, 3) uint8 colours: ``palette`` when it has one per class, else distinct
-    colours spread around the hue circle (golden-ratio steps, so neighbours differ)."""
+    colours spread around the hue circle (golden-ratio steps, so neighbours differ) at three
+    brightnesses and two saturations."""
     if palette is not None and len(palette) >= num_classes:
         return np.asarray(palette[:num_classes], dtype=np.uint8).reshape(num_classes, 3)
-    hues = (np.arange(num_classes) * 0.618033988749895) % 1.0
-    values = np.where(np.arange(num_classes) % 2, 0.75, 0.95)
-    hsv = np.stack([hues * 255, np.full(num_classes, 200.0), values * 255], axis=1).astype(np.uint8)
-    return np.asarray(Image.fromarray(hsv[None], "HSV").convert("RGB"))[0]
+    colours = [
+        colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, (0.8, 1.0)[(i // 3) % 2], (0.95, 0.75, 0.55)[i % 3])
+        for i in range(num_classes)
+    ]
+    return (np.asarray(colours, dtype=np.float64).reshape(num_classes, 3) * 255).round().astype(np.uint8)
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
