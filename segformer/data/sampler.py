@@ -1,0 +1,105 @@
+"""The train sampler that lets an interrupted run continue mid-epoch with the same data.
+
+Lightning restarts an epoch's data from its first batch when a run resumes. ``ResumableSampler``
+instead draws each epoch's order from ``(seed, epoch)`` alone and can start an epoch at any
+position, so a resumed run sees exactly the batches the interrupted one had not consumed yet.
+It also hands every sample a seed of its own, derived from ``(seed, epoch, index)``, for the
+augmentation pipeline: augmentations then depend on neither the worker that loads a sample nor
+the state of any global generator, which a resumed run could not reproduce.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+def run_seed() -> int:
+    """The run's seed: the one ``lightning.seed_everything`` set, else a fresh random one."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    if seed is not None:
+        return int(seed)
+    return int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (``SeedSequence`` mixes them, so nearby keys
+    give unrelated streams)."""
+    low, high = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32).tolist()
+    return ((high << 32) | low) & (2**63 - 1)
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled train order per epoch, split across ranks, that can resume at any position.
+
+    Yields ``(index, seed)`` pairs: the sample and the seed of its augmentation. The order of
+    epoch ``e`` is a permutation drawn from ``(seed, e)``; under DDP it is padded by repetition
+    to a multiple of the world size and rank ``r`` takes every ``world``-th entry from ``r``, as
+    ``DistributedSampler`` does (it is one, so Lightning keeps it instead of substituting its own).
+    The rank and world size are read from ``torch.distributed`` when an epoch starts.
+
+    ``state_dict()`` holds the seed, the epoch and ``consumed``: how many of this rank's samples
+    of the epoch training has used, which only the training loop knows (loaders read ahead), so
+    the data module passes it in. After ``load_state_dict`` the next iteration starts after them;
+    ``set_epoch`` to another epoch starts that epoch from its beginning.
+    """
+
+    def __init__(self, dataset: Sized, seed: int | None = None, shuffle: bool = True) -> None:
+        # DistributedSampler.__init__ wants a process group now; ranks are read when iterating.
+        self.dataset = dataset
+        self.seed = run_seed() if seed is None else int(seed)
+        self.shuffle = shuffle
+        self.drop_last = False
+        self.epoch = 0
+        self._start = 0
+
+    @property
+    def num_replicas(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def num_samples(self) -> int:
+        return -(-len(self.dataset) // self.num_replicas)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def indices(self, epoch: int) -> list[int]:
+        """This rank's sample indices of ``epoch``, in order."""
+        size = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
+            order = torch.randperm(size, generator=generator).tolist()
+        else:
+            order = list(range(size))
+        world = self.num_replicas
+        total = self.num_samples * world
+        order += (order * (total // max(size, 1) + 1))[: total - size]
+        return order[self.rank : total : world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._start = self._start, 0
+        epoch = self.epoch
+        return iter([(index, derived_seed(self.seed, epoch, index)) for index in self.indices(epoch)[start:]])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._start = 0
+        self.epoch = epoch
+
+    def state_dict(self, consumed: int = 0) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": int(consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._start = int(state["consumed"])
