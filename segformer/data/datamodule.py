@@ -7,6 +7,7 @@ Hydra builds it from ``configs/data/<name>.yaml``: ``dataset`` is a partial fact
 from __future__ import annotations
 
 import inspect
+import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,30 +20,49 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from segformer.data.datasets import IGNORE_INDEX, SegmentationDataset
+from segformer.data.sampler import ResumableSampler
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segformer.distributed import EvalSampler
-from segformer.errors import ConfigError
+from segformer.errors import ConfigError, DataError
 
 INFERENCE_MODES = ("whole", "slide")
+log = logging.getLogger(__name__)
 
 
 class TrainSamples(Dataset):
     """Raw samples through the train pipeline -> {"pixel_values", "labels"}.
 
-    The pipeline is reseeded for every sample from torch's generator, which Lightning's
-    ``seed_everything(seed, workers=True)`` and the DataLoader's per-worker seeding control, so
-    a run is reproducible for any number of workers.
+    Keys are ``(index, seed)`` pairs from ``ResumableSampler``: the pipeline is reseeded with the
+    sample's own seed, so an augmentation depends only on the run's seed, the epoch and the index
+    (the same in a resumed run, for any number of workers). A plain index draws the seed from
+    torch's generator, which ``seed_everything(seed, workers=True)`` controls.
+
+    With ``skip_bad_samples`` a sample that fails to read (``DataError``) is logged with its
+    file, counted, and replaced by the next readable index, so batches keep their size.
     """
 
-    def __init__(self, dataset: SegmentationDataset, transform: A.Compose) -> None:
+    def __init__(self, dataset: SegmentationDataset, transform: A.Compose, skip_bad_samples: bool = False) -> None:
         self.dataset, self.transform = dataset, transform
+        self.skip_bad_samples = skip_bad_samples
+        self.skipped = 0  # bad samples replaced in this process (each loader worker counts its own)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.dataset[index]
-        seed = int(torch.randint(0, 2**62, ()))
+    def _read(self, index: int) -> dict[str, Any]:
+        if not self.skip_bad_samples:
+            return self.dataset[index]
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except DataError as error:
+                self.skipped += 1
+                log.warning("Skipped bad training sample (%d in this loader process): %s", self.skipped, error)
+        raise DataError("Every sample of the training split is unreadable (last problem logged above).")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key if isinstance(key, (tuple, list)) else (key, int(torch.randint(0, 2**62, ())))
+        sample = self._read(int(index))
         self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         out = self.transform(image=sample["image"], mask=sample["mask"])
         return {"pixel_values": out["image"], "labels": out["mask"].long()}
@@ -123,6 +143,12 @@ class SegDataModule(L.LightningDataModule):
         size_divisor: round test sizes up to a multiple of this (NVlabs uses 32 for ADE20K).
         inference: how the dataset is evaluated (mode whole|slide, crop_size, stride, scales,
             flip); read by the inference code, stored here because it belongs to the dataset.
+        skip_bad_samples: a train sample that cannot be read is logged and replaced by the next
+            one instead of stopping the run (validation and test data are always strict).
+
+    The train order and augmentations are drawn from the run's seed (``ResumableSampler``); the
+    sampler's position is saved in checkpoints (``state_dict``), so a resumed run continues
+    mid-epoch with the batches the interrupted run had not used yet.
     """
 
     ignore_index = IGNORE_INDEX
@@ -147,6 +173,7 @@ class SegDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
+        skip_bad_samples: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["dataset"])
@@ -173,6 +200,9 @@ class SegDataModule(L.LightningDataModule):
         self.inference = self._inference_settings(_plain(inference) or {})
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self._datasets: dict[str, SegmentationDataset] = {}
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self._train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None
 
     def _inference_settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
         settings = {
@@ -230,9 +260,8 @@ class SegDataModule(L.LightningDataModule):
         return DataLoader(
             samples,
             batch_size=batch_size,
-            shuffle=train,
             # Under DDP each evaluation image goes to one rank only (no padding, no double counting).
-            sampler=None if train else EvalSampler(samples),
+            sampler=self._train_sampler if train else EvalSampler(samples),
             drop_last=train and len(samples) >= batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -241,8 +270,29 @@ class SegDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        samples = TrainSamples(self.dataset(self.splits["train"]), self.train_transform)
+        samples = TrainSamples(self.dataset(self.splits["train"]), self.train_transform, self.skip_bad_samples)
+        self._train_sampler = ResumableSampler(samples)
+        if self._sampler_state is not None:
+            self._train_sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
         return self._loader(samples, self.batch_size, True, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train sampler's seed, epoch and position, saved in every checkpoint."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        # Batches the training loop has used this epoch (the loader itself reads ahead).
+        used = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_sampler": self._train_sampler.state_dict(consumed=used * self.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_sampler")
+        if state is None:
+            return
+        if self._train_sampler is not None:
+            self._train_sampler.load_state_dict(state)
+        else:
+            self._sampler_state = state
 
     def val_dataloader(self) -> DataLoader:
         samples = EvalSamples(self.dataset(self.splits["val"]), self.eval_transform)
