@@ -18,7 +18,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from segformer.data.sampler import derived_seed, run_seed
 from segformer.errors import ConfigError
+from segformer.guards import NonFiniteLossGuard
 from segformer.inference import InferenceConfig, predict_batch
 from segformer.metrics import SegmentationMetrics
 from segformer.model import SegFormer
@@ -49,6 +51,11 @@ class SegFormerModule(L.LightningModule):
             stride, scales, flip; see ``segformer.inference``): the data module's settings.
         ignore_index: label value without a class, left out of the loss and the metrics.
         compile: ``torch.compile`` the model when training or evaluation starts.
+        max_consecutive_nonfinite: a step with a NaN/inf loss is skipped (counted as
+            ``train/nonfinite_steps``); more than this many in a row stop training with an error.
+
+    Dropout and drop-path draw from a generator seeded by (run seed, rank, batch number) for each
+    training step, so a resumed run draws what the interrupted one would have drawn.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class SegFormerModule(L.LightningModule):
         inference: Mapping[str, Any] | None = None,
         ignore_index: int = 255,
         compile: bool = False,
+        max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
         self.model = model
@@ -67,6 +75,8 @@ class SegFormerModule(L.LightningModule):
         self.inference = InferenceConfig.from_mapping(inference)
         self.ignore_index = ignore_index
         self.compile_model = compile
+        self.nonfinite_guard = NonFiniteLossGuard(max_consecutive_nonfinite)
+        self.step_seed = run_seed()
         names = [model.id2label[i] for i in range(model.num_classes)]
         self.val_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
         self.test_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
@@ -88,10 +98,27 @@ class SegFormerModule(L.LightningModule):
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.model(pixel_values)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.step_seed = run_seed()  # seed_everything may have run after __init__
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         pixel_values, labels = batch["pixel_values"], batch["labels"]
-        loss = segmentation_loss(self.model(pixel_values), labels, self.ignore_index)
+        seed = derived_seed(self.step_seed, self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(seed)
+            logits = self.model(pixel_values)
+        loss = segmentation_loss(logits, labels, self.ignore_index)
         batch_size = pixel_values.shape[0]
+        # Every rank skips together (DDP would wait forever for the gradients of a rank that skipped).
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        checkpoint = self.trainer.checkpoint_callback
+        last = (checkpoint.last_model_path or None) if checkpoint is not None else None
+        skip = self.nonfinite_guard.check(not nonfinite, self.global_step, last)
+        self.log("train/nonfinite_steps", float(self.nonfinite_guard.total), batch_size=batch_size)
+        if skip:
+            return None  # Lightning then leaves out backward and the optimizer step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
@@ -144,3 +171,10 @@ class SegFormerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What SegFormer.from_pretrained needs to rebuild the network around state_dict["model.*"].
         checkpoint["segformer"] = self.model.config
+        checkpoint["nonfinite_guard"] = self.nonfinite_guard.state_dict()
+        checkpoint["step_seed"] = self.step_seed
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_guard" in checkpoint:
+            self.nonfinite_guard.load_state_dict(checkpoint["nonfinite_guard"])
+        self.step_seed = int(checkpoint.get("step_seed", self.step_seed))
