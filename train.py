@@ -13,7 +13,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from segformer import cli, cluster
+from segformer import checkpointing, cli
 from segformer.module import SegFormerModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -36,14 +36,21 @@ def train(cfg: DictConfig) -> float | None:
         inference={**datamodule.inference, "window_batch": cfg.window_batch},
         ignore_index=datamodule.ignore_index,
         compile=cfg.compile,
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
     )
     loggers = cli.instantiate_loggers(cfg.get("logger"))
     callbacks = cli.instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    cli.log_config(loggers, cfg)
+    # Checkpoints are written to a temporary file and renamed: a kill while saving keeps the last one.
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpointing.AtomicCheckpointIO()]
+    )
 
-    # Without ckpt_path, a run folder that already holds checkpoints (a requeued SLURM job) resumes.
-    ckpt_path = cfg.ckpt_path or cluster.resume_checkpoint(trainer, callbacks)
+    # Without ckpt_path, a run folder that already holds checkpoints (a re-run with the same
+    # hydra.run.dir, a requeued SLURM job) resumes; ckpt_path=last says so explicitly.
+    ckpt_path = checkpointing.resume_path(cfg.ckpt_path, trainer, callbacks, cfg.paths.output_dir)
+    if ckpt_path is not None:
+        checkpointing.check_resumable(ckpt_path, module)
+    cli.log_config(loggers, cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
