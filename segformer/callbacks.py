@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
@@ -22,14 +23,7 @@ from torch import Tensor
 
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segformer.distributed import batch_summary
-from segformer.visualize import (
-    colorize,
-    confusion_matrix_image,
-    denormalize,
-    make_palette,
-    overlay,
-    resize_image,
-)
+from segformer.visualize import confusion_matrix_image, denormalize, make_palette, overlay, resize_image
 
 
 def _logged_step(trainer: Trainer) -> int:
@@ -122,9 +116,11 @@ class ValidationDashboard(Callback):
                 masks=masks,
                 caption=[s["name"] for s in self._samples],
             )
-        logger.log_table("val/per_class", columns=["class", "IoU", "Acc"], data=self._per_class(results, names), step=step)
+        rows = self._per_class(results, names)
+        logger.log_table("val/per_class", columns=["class", "IoU", "Acc"], data=rows, step=step)
         if self.confusion_matrix:
-            logger.log_image("val/confusion_matrix", [confusion_matrix_image(results["confusion_matrix"], names)], step=step)
+            image = confusion_matrix_image(results["confusion_matrix"], names)
+            logger.log_image("val/confusion_matrix", [image], step=step)
 
     def _to_tensorboard(
         self,
@@ -168,8 +164,6 @@ def _pct(value: float | None) -> str:
 
 def _legend(names: Sequence[str], palette: np.ndarray) -> np.ndarray:
     """One colour swatch per class, stacked, for reading the TensorBoard overlays."""
-    from PIL import Image, ImageDraw
-
     height = 14
     image = Image.new("RGB", (220, height * len(names)), (255, 255, 255))
     draw = ImageDraw.Draw(image)

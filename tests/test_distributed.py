@@ -26,7 +26,9 @@ from segformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SLURM_VARS = ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID")
+SLURM_VARS = (
+    "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID",
+)
 
 
 def _tiny(data_root: Path, num_val: int = 2) -> list[str]:
@@ -159,7 +161,10 @@ def test_under_slurm_every_rank_and_requeue_uses_the_jobs_folder(no_slurm, tmp_p
 
 def test_resume_checkpoint_is_the_newest_left_in_the_run_folder(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=checkpoints, save_last=True), ModelCheckpoint(dirpath=checkpoints, monitor="x")]
+    callbacks = [
+        ModelCheckpoint(dirpath=checkpoints, save_last=True),
+        ModelCheckpoint(dirpath=checkpoints, monitor="x"),
+    ]
     trainer = Trainer(default_root_dir=tmp_path, logger=False, callbacks=callbacks)
     assert cluster.resume_checkpoint(trainer, callbacks) is None
     checkpoints.mkdir()
