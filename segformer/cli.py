@@ -18,7 +18,9 @@ from typing import Any, NoReturn, TypeVar
 
 import hydra
 from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     CompactHydraException,
     InstantiationException,
@@ -66,6 +68,7 @@ def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_n
         # Exiting from inside the job keeps Hydra from printing its own "Error executing job" line.
         try:
             check_required(cfg)
+            check_override_types(cfg, config_name)
             return task(cfg)
         except Exception as error:
             report(error)
@@ -103,6 +106,70 @@ def check_required(cfg: DictConfig) -> None:
         raise ConfigError(f"Missing required value(s): {', '.join(missing)}. Set them on the command line: {examples}")
 
 
+# Trainer flags whose default is a number but that Lightning also takes as a string or a list.
+FLEXIBLE_TYPES = frozenset({"trainer.devices", "trainer.val_check_interval"})
+
+
+def check_override_types(cfg: DictConfig, config_name: str) -> None:
+    """Name every ``key=value`` override whose value has the wrong kind for its key (text where
+    the config holds a number, a scalar where it holds a list, ...), before anything is built.
+
+    The expected kind is that of the key's value in the config composed without the value
+    overrides (the chosen groups only); keys that default to null, text or an interpolation
+    take anything.
+    """
+    hydra_cfg = HydraConfig.get()
+    overrides = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    groups = set(hydra_cfg.runtime.choices)
+    group_overrides = [o.input_line for o in overrides if o.key_or_group in groups]
+    values = [
+        o
+        for o in overrides
+        if o.key_or_group not in groups
+        and not (o.is_delete() or o.is_add() or o.is_force_add() or o.is_sweep_override())
+        and not o.key_or_group.startswith("hydra.")
+        and o.key_or_group not in FLEXIBLE_TYPES
+    ]
+    # A launcher's worker process (submitit) runs the job without Hydra's global state: skip there.
+    if not values or not GlobalHydra.instance().is_initialized():
+        return
+    defaults = OmegaConf.to_container(hydra.compose(config_name, overrides=group_overrides), resolve=False)
+    mistakes = []
+    for override in {o.key_or_group: o for o in values}.values():
+        default = _lookup(defaults, override.key_or_group)
+        given = OmegaConf.select(cfg, override.key_or_group, throw_on_missing=False)
+        if isinstance(given, (DictConfig, ListConfig)):
+            given = OmegaConf.to_container(given, resolve=False)
+        expected = _kind_mismatch(default, given)
+        if expected:
+            mistakes.append(f"{override.key_or_group}={given!r} ({override.key_or_group} takes {expected}, default {default!r})")
+    if mistakes:
+        raise ConfigError(f"Wrong type in override(s): {'; '.join(mistakes)}.")
+
+
+def _lookup(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _kind_mismatch(default: Any, given: Any) -> str | None:
+    """What ``given`` should have been, judged by ``default``; None when it fits."""
+    if given is None or default is None or (isinstance(default, str) and "${" in default):
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(given, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        return None if isinstance(given, (int, float)) and not isinstance(given, bool) else "a number"
+    if isinstance(default, list):
+        return None if isinstance(given, list) else "a list such as [a,b]"
+    if isinstance(default, dict):
+        return None if isinstance(given, dict) else "a group of keys"
+    return None
+
+
 def _missing_keys(node: Any, prefix: str) -> list[str]:
     if isinstance(node, dict):
         items = [(f"{prefix}{key}", value) for key, value in node.items()]
@@ -125,8 +192,12 @@ def user_error_message(error: BaseException) -> str | None:
     if cause is not None:
         return _clean_worker_message(str(cause))
     if isinstance(error, InstantiationException):
-        if isinstance(error.__cause__, (TypeError, ImportError)) or error.__cause__ is None:
+        # A constructor refusing its arguments (Lightning's Trainer: precision=17, devices=abc).
+        if error.__cause__ is None:
             return str(error)
+        if isinstance(error.__cause__, (TypeError, ValueError, ImportError)):
+            key = re.search(r"^full_key: (\S+)", str(error), flags=re.MULTILINE)
+            return f"{key.group(1) if key else 'config'}: {error.__cause__}"
         return None
     if isinstance(error, MissingConfigException):
         return _missing_config_message(error)
