@@ -49,7 +49,9 @@ class DecodeHead(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         fused = self.fuse_folded(features) if self.fast else self.fuse_reference(features)
-        return self.classifier(self.dropout(fused))
+        # Logits leave in the standard layout: the loss's softmax over classes (and most user
+        # code) would otherwise copy the large upsampled channels-last tensor.
+        return self.classifier(self.dropout(fused)).contiguous()
 
     def fuse_reference(self, features: list[Tensor]) -> Tensor:
         """The paper's computation, step by step: the ground truth for the folded path."""
