@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import hydra
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
 
 from segformer import SegFormer, cli
@@ -39,7 +40,7 @@ def evaluate(cfg: DictConfig) -> float:
     module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index)
 
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = []
+    callbacks = [RichProgressBar()]
     if cfg.save_predictions:
         split = datamodule.dataset(datamodule.splits["test"])
         callbacks.append(PredictionWriter(output_dir / "predictions", split))

@@ -7,10 +7,11 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary
 from omegaconf import OmegaConf
 
 from segformer import SegFormer, cli
+from segformer.callbacks import StepProgressBar, TrainingSpeed, ValidationDashboard
 from segformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,9 +109,16 @@ def test_training_objects_instantiate(compose):
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, 100)
     assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     callbacks = cli.instantiate_callbacks(cfg.callbacks, has_logger=False)
-    assert [type(c) for c in callbacks] == [ModelCheckpoint, ModelCheckpoint, RichProgressBar, RichModelSummary]
+    assert [type(c) for c in callbacks] == [
+        ModelCheckpoint,
+        ModelCheckpoint,
+        StepProgressBar,
+        RichModelSummary,
+        ValidationDashboard,
+        TrainingSpeed,
+    ]
     assert cli.best_checkpoint(callbacks, "val/mIoU") is callbacks[1]
-    assert len(cli.instantiate_callbacks(cfg.callbacks, has_logger=True)) == 5
+    assert len(cli.instantiate_callbacks(cfg.callbacks, has_logger=True)) == 7
     for choice in ("default", "cpu", "ddp_cpu"):
         trainer = hydra.utils.instantiate(compose("train", f"trainer={choice}").trainer, logger=False)
         assert trainer.max_steps == cfg.trainer.max_steps
