@@ -6,7 +6,8 @@ models timed alternately in one process so both see the same machine state; peak
 measured for each model in a fresh subprocess (CPU: peak resident set; CUDA: peak allocated).
 
     python benchmarks/speed.py                      # the headline table (CPU, 2 threads)
-    python benchmarks/speed.py --only infer --variant b5 --size 640
+    python benchmarks/speed.py --only infer --variant b5 --size 640 --reference-head
+    python benchmarks/speed.py --only slide --repeat 3
     python benchmarks/speed.py --device cuda --dtype bf16 --compile
 """
 
@@ -134,6 +135,28 @@ def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
     }
 
 
+def slide(args, variant: str) -> dict:
+    """Sliding-window evaluation of one 1024x2048 Cityscapes-sized image (crop 1024, stride 768:
+    6 windows), through segformer.inference with each model, timed alternately."""
+    from segformer.inference import slide_logits
+
+    device = args.device
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs, ours = load_pair(variant, 19, Path(tmp), device)
+    image = torch.randn(1, 3, 1024, 2048, device=device)
+
+    def run(model):
+        def go():
+            with torch.inference_mode():
+                return slide_logits(lambda x: logits_of(model, x), image, (1024, 1024), (768, 768), window_batch=2)
+
+        return go
+
+    times = time_alternately({"transformers": run(theirs.eval()), "segformer": run(ours.eval())}, args.repeat, device)
+    return {"task": f"sliding window {variant} 1024x2048 (6 windows of 1024)", "times": times,
+            "speedup": times["transformers"] / times["segformer"], "max_abs_logit_diff": float("nan")}
+
+
 def peak_memory(args, variant: str, size: int, batch: int) -> dict[str, float]:
     """Peak memory of one training step per implementation, each in a fresh process."""
     peaks = {}
@@ -179,7 +202,7 @@ def _rss_mib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["infer", "train", "memory"], help="run one measurement")
+    parser.add_argument("--only", choices=["infer", "train", "memory", "slide"], help="run one measurement")
     parser.add_argument("--variant", default=None, help="variant for --only (default: the headline set)")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
@@ -206,6 +229,8 @@ def main() -> None:
         plan += [("train", args.variant or "b0", args.size or 256, args.batch or 2)]
     if args.only in (None, "memory"):
         plan += [("memory", args.variant or "b2", args.size or 512, args.batch or 2)]
+    if args.only in (None, "slide"):
+        plan += [("slide", args.variant or "b0", 1024, 1)]
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {args.threads} threads"
     print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; compile {args.compile}")
@@ -218,7 +243,7 @@ def main() -> None:
             row = f"| peak memory, train step {variant} {size}x{size} batch {batch} | {peaks['transformers']:.0f} MiB | {peaks['segformer']:.0f} MiB | {peaks['transformers'] / peaks['segformer']:.2f}x less | |"
             results.append({"task": f"peak memory train {variant} {size} batch {batch}", "peak_mib": peaks})
         else:
-            result = compare(args, variant, size, batch, train=kind == "train")
+            result = slide(args, variant) if kind == "slide" else compare(args, variant, size, batch, train=kind == "train")
             t = result["times"]
             extra = f" (reference head {t['segformer (reference head)'] * 1000:.0f} ms)" if "segformer (reference head)" in t else ""
             diff = "" if result["max_abs_logit_diff"] != result["max_abs_logit_diff"] else f"{result['max_abs_logit_diff']:.1e}"
