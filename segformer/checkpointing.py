@@ -48,6 +48,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             temporary.unlink(missing_ok=True)
         _fsync_folder(path.parent)
+        # What a process killed while saving here left behind (only one process saves a path).
+        for stale in path.parent.glob(f"{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
