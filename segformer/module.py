@@ -76,6 +76,8 @@ class SegFormerModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.compile_model = compile
         self.nonfinite_guard = NonFiniteLossGuard(max_consecutive_nonfinite)
+        # The model's buffers before a step that is skipped, for on_before_optimizer_step.
+        self.skipped_buffers: list[Tensor] | None = None
         self.step_seed = run_seed()
         names = [model.id2label[i] for i in range(model.num_classes)]
         self.val_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
@@ -106,6 +108,8 @@ class SegFormerModule(L.LightningModule):
         pixel_values, labels = batch["pixel_values"], batch["labels"]
         seed = derived_seed(self.step_seed, self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
         devices = [self.device] if self.device.type == "cuda" else []
+        # BatchNorm statistics that a skipped step must not keep (a NaN forward poisons them).
+        buffers = [buffer.clone() for buffer in self.model.buffers()]
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             torch.manual_seed(seed)
             logits = self.model(pixel_values)
@@ -118,10 +122,24 @@ class SegFormerModule(L.LightningModule):
         skip = self.nonfinite_guard.check(not nonfinite, self.global_step, last)
         self.log("train/nonfinite_steps", float(self.nonfinite_guard.total), batch_size=batch_size)
         if skip:
-            return None  # Lightning then leaves out backward and the optimizer step
+            # Lightning refuses a skipped training_step (None) under DDP, so backward still runs
+            # (on every rank alike); on_before_optimizer_step then drops the gradients and puts
+            # the statistics back (autograd still needs them as they are until then).
+            self.skipped_buffers = buffers
+            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self.skipped_buffers is not None:
+            # Parameters without a gradient are left alone by the optimizer: no update at all
+            # (zero gradients would still move AdamW's weights by momentum and weight decay).
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), self.skipped_buffers):
+                    buffer.copy_(saved)
+            self.skipped_buffers = None
 
     def predict_labels(self, batch: Mapping[str, Any]) -> list[Tensor]:
         """Class maps of an eval batch, each at its image's original (label) size."""
