@@ -8,15 +8,12 @@ sends each later attempt's config to ``.hydra/attempt-<n>/`` instead and says so
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
-
-log = logging.getLogger(__name__)
 
 
 def _rank() -> int:
@@ -50,9 +47,8 @@ class KeepEarlierConfig(Callback):
                 except FileExistsError:
                     number += 1
             config.hydra.output_subdir = f"{subdir}/attempt-{number}"
-        log.warning(
-            "The run folder %s was used before: its first config stays in %s, this attempt's goes to %s.",
-            saved.parent,
-            saved,
-            saved / f"attempt-{number}",
+        # Hydra's logging is not set up yet; stdout keeps stderr for the error, if one follows.
+        print(
+            f"The run folder {saved.parent} was used before: its first config stays in {saved}, "
+            f"this attempt's goes to {saved / f'attempt-{number}'}."
         )
