@@ -12,6 +12,7 @@ from rich.console import Console
 
 from segformer.data import FolderDataset, SegDataModule
 from segformer.data.check import check_dataset, print_report
+from segformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +113,22 @@ def test_command_mistakes_end_with_one_message(tmp_path, overrides, expected):
     result = _check_command(tmp_path, *overrides)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.startswith("error: ") and expected in result.stderr
+
+
+def test_training_fails_on_a_bad_sample_or_skips_it_when_asked(tmp_path, caplog):
+    _clean(tmp_path)
+    (tmp_path / "masks/train/b.png").write_bytes(b"not a png")
+    strict = _module(tmp_path)
+    strict.batch_size = 2
+    with pytest.raises(DataError, match=r"Cannot read mask .*b\.png"):
+        next(iter(strict.train_dataloader()))
+
+    lenient = SegDataModule(
+        functools.partial(FolderDataset, num_classes=3), str(tmp_path), 3, batch_size=2, num_workers=0,
+        crop_size=[8, 8], scale=[8, 8], skip_bad_samples=True,
+    )
+    with caplog.at_level("WARNING"):
+        (batch,) = list(lenient.train_dataloader())
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)  # b replaced by the next index (a)
+    assert lenient.train_dataloader().dataset.skipped == 0  # a fresh loader counts anew
+    assert "Skipped bad training sample (1 in this loader process)" in caplog.text and "b.png" in caplog.text

@@ -202,3 +202,36 @@ def test_train_py_refuses_a_checkpoint_of_another_model_and_writes_nothing(refer
     assert exit_info.value.code == cli.USER_ERROR_EXIT
     assert err.startswith("error: Checkpoint ") and "SegFormer-b1" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_the_sampler_resumes_mid_epoch_and_splits_ranks(monkeypatch):
+    from segformer.data.sampler import ResumableSampler
+
+    sampler = ResumableSampler(range(10), seed=3)
+    sampler.set_epoch(1)
+    epoch_1 = list(sampler)
+    assert sorted(i for i, _ in epoch_1) == list(range(10)) and epoch_1 == list(sampler)
+    sampler.set_epoch(2)
+    assert [i for i, _ in sampler] != [i for i, _ in epoch_1]
+    # Augmentation seeds depend on (seed, epoch, index) only: index 4 differs between epochs.
+    assert dict(epoch_1)[4] != dict(list(sampler))[4]
+
+    resumed = ResumableSampler(range(10), seed=99)
+    resumed.load_state_dict(ResumableSampler(range(10), seed=3).state_dict() | {"epoch": 1, "consumed": 6})
+    assert list(resumed) == epoch_1[6:]
+    resumed.load_state_dict({"seed": 3, "epoch": 1, "consumed": 6})
+    resumed.set_epoch(1)  # Lightning announces the epoch it resumes: the position stays
+    assert list(resumed) == epoch_1[6:]
+    assert list(resumed) == epoch_1  # ... for one iteration only
+    resumed.load_state_dict({"seed": 3, "epoch": 1, "consumed": 6})
+    resumed.set_epoch(2)  # another epoch starts at its beginning
+    assert [i for i, _ in resumed] == [i for i, _ in sampler]
+
+    # Two ranks: disjoint halves of the epoch's order, padded to equal length.
+    monkeypatch.setattr(ResumableSampler, "num_replicas", 2)
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(ResumableSampler, "rank", rank)
+        part = ResumableSampler(range(5), seed=3)
+        ranks.append([i for i, _ in part])
+    assert len(ranks[0]) == len(ranks[1]) == 3 and set(ranks[0]) | set(ranks[1]) == set(range(5))
