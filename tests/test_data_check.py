@@ -11,7 +11,8 @@ from PIL import Image
 from rich.console import Console
 
 from segformer.data import FolderDataset, SegDataModule
-from segformer.data.check import check_dataset, print_report
+from segformer import cli
+from segformer.data.check import CONFIG_DIR, check, check_dataset, print_report
 from segformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_the_command_exits_1_on_problems_and_0_when_clean(tmp_path):
     assert "No problem found." in clean.stdout
 
     (tmp_path / "data/masks/train/b.png").write_bytes(b"not a png")
-    broken = _check_command(tmp_path, *args, "splits=[train]")
+    broken = _check_command(tmp_path, *args, "splits=train")
     assert broken.returncode == 1
     assert "b.png" in broken.stdout and "1 problem(s) found." in broken.stdout
     assert "Traceback" not in broken.stdout + broken.stderr
@@ -107,12 +108,17 @@ def test_the_command_exits_1_on_problems_and_0_when_clean(tmp_path):
         (["data=folder", "data.root=/nonexistent/data", "data.num_classes=3"], "/nonexistent/data"),
         (["data=folder"], "data.num_classes"),
         (["data=nosuchdata"], "Valid choices"),
+        (["max_listed=all"], "max_listed='all' (max_listed takes a number"),
     ],
 )
-def test_command_mistakes_end_with_one_message(tmp_path, overrides, expected):
-    result = _check_command(tmp_path, *overrides)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ") and expected in result.stderr
+def test_command_mistakes_end_with_one_message(monkeypatch, capsys, tmp_path, overrides, expected):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["check", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(check, CONFIG_DIR, "check")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == cli.USER_ERROR_EXIT
+    assert "Traceback" not in err and err.startswith("error: ") and expected in err
 
 
 def test_training_fails_on_a_bad_sample_or_skips_it_when_asked(tmp_path, caplog):

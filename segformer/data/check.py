@@ -129,7 +129,7 @@ def print_report(reports: Sequence[SplitReport], classes: Sequence[str], console
 def check(cfg: DictConfig) -> int:
     """The command: scan, print the report, and return how many problems were found."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    splits = list(cfg.splits) if cfg.splits else None
+    splits = [cfg.splits] if isinstance(cfg.splits, str) else list(cfg.splits or []) or None
     reports = check_dataset(datamodule, splits, datamodule.num_workers)
     opened = [r for r in reports if r.pixels is not None]
     if not opened:
