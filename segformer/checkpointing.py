@@ -115,8 +115,9 @@ def check_resumable(path: str, module: LightningModule) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # any failure to read is the file's fault: truncated, not torch, ...
+        reason = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
-            f"Cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Cannot read checkpoint {path} ({type(error).__name__}: {reason}). "
             "The file is damaged or not a Lightning checkpoint; resume from another one (the run folder's "
             "checkpoints/ holds last.ckpt and best.ckpt). Nothing was written."
         ) from error

@@ -31,7 +31,8 @@ def data(tmp_path_factory) -> list[str]:
 def run_folder(tmp_path) -> Path:
     """A folder that already holds a run: its config, metrics and a checkpoint."""
     run = tmp_path / "run"
-    for name, text in {".hydra/config.yaml": "seed: 1\n", ".hydra/overrides.yaml": "[]\n", "csv/metrics.csv": "step\n0\n"}.items():
+    files = {".hydra/config.yaml": "seed: 1\n", ".hydra/overrides.yaml": "[]\n", "csv/metrics.csv": "step\n0\n"}
+    for name, text in files.items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(text)
     return run

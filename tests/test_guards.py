@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
-import segformer.module
 from segformer import SegFormer, cli
 from segformer.guards import NonFiniteLossError, NonFiniteLossGuard
 from segformer.module import SegFormerModule

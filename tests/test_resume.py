@@ -88,7 +88,8 @@ def _train(run: Path, data: Path, *extra: str, **kill: str) -> subprocess.Comple
     """train.py in a subprocess (what a user runs), with the kill switches of WRAPPER."""
     overrides = [f"hydra.run.dir={run}", *_overrides(data, *extra)]
     # One thread here and in the reference: the same arithmetic (and no OpenMP spinning on a busy machine).
-    env = {**os.environ, "REPO": str(ROOT), "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **kill}
+    env = {**os.environ, "REPO": str(ROOT), "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    env.update(kill)
     return subprocess.run(
         [sys.executable, "-c", WRAPPER, *overrides], capture_output=True, text=True, cwd=run.parent, env=env
     )
@@ -103,8 +104,8 @@ def _assert_same_training_state(resumed: dict, reference: dict) -> None:
     assert resumed["state_dict"].keys() == reference["state_dict"].keys()
     different = [k for k, v in reference["state_dict"].items() if not torch.equal(resumed["state_dict"][k], v)]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-    for ours, theirs in zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
-        assert torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])
+    ours, theirs = (c["optimizer_states"][0]["state"] for c in (resumed, reference))
+    assert all(torch.equal(ours[k]["exp_avg_sq"], theirs[k]["exp_avg_sq"]) for k in theirs)
 
 
 @pytest.fixture(scope="module")

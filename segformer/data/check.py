@@ -84,13 +84,18 @@ def scan_split(datamodule: SegDataModule, split: str, num_workers: int = 0) -> S
     return report
 
 
-def check_dataset(datamodule: SegDataModule, splits: Sequence[str] | None = None, num_workers: int = 0) -> list[SplitReport]:
+def check_dataset(
+    datamodule: SegDataModule, splits: Sequence[str] | None = None, num_workers: int = 0
+) -> list[SplitReport]:
     """Scan ``splits`` (default: the data module's train, val and test splits, each once)."""
     names = list(dict.fromkeys(splits if splits else datamodule.splits.values()))
     return [scan_split(datamodule, name, num_workers) for name in names]
 
 
-def print_report(reports: Sequence[SplitReport], classes: Sequence[str], console: Console, max_listed: int = 50) -> None:
+def print_report(
+    reports: Sequence[SplitReport], classes: Sequence[str], console: Console, max_listed: int = 50
+) -> None:
+    """Summary per split, class pixel shares, then the problems (at most ``max_listed``)."""
     summary = Table(title="Dataset check")
     for column in ("split", "images", "problems"):
         summary.add_column(column, justify="left" if column == "split" else "right")
@@ -113,7 +118,8 @@ def print_report(reports: Sequence[SplitReport], classes: Sequence[str], console
         for report in scanned:
             absent = [classes[k] for k in range(len(classes)) if report.pixels[k] == 0]
             if absent:
-                console.print(f"Note: split {report.split!r} has no pixel of {len(absent)} class(es): {', '.join(absent)}")
+                names = ", ".join(absent)
+                console.print(f"Note: split {report.split!r} has no pixel of {len(absent)} class(es): {names}")
 
     problems = [(r.split, p) for r in reports for p in r.problems]
     for split, problem in problems[:max_listed]:
