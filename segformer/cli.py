@@ -142,7 +142,8 @@ def check_override_types(cfg: DictConfig, config_name: str) -> None:
             given = OmegaConf.to_container(given, resolve=False)
         expected = _kind_mismatch(default, given)
         if expected:
-            mistakes.append(f"{override.key_or_group}={given!r} ({override.key_or_group} takes {expected}, default {default!r})")
+            key = override.key_or_group
+            mistakes.append(f"{key}={given!r} ({key} takes {expected}, default {default!r})")
     if mistakes:
         raise ConfigError(f"Wrong type in override(s): {'; '.join(mistakes)}.")
 
