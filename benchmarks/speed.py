@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from segformer import SegFormer
+from segformer.module import segmentation_loss
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
 
@@ -78,9 +78,8 @@ def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device:
             if not train:
                 with torch.inference_mode():
                     return logits_of(model, x)
-            logits = logits_of(model, x)
-            up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(up.float(), labels, ignore_index=255)
+            # The same loss code for both: cross-entropy on logits upsampled to the labels.
+            loss = segmentation_loss(logits_of(model, x), labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss
