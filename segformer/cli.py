@@ -53,7 +53,8 @@ def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_n
     a traceback, so Hydra is told to re-raise (HYDRA_FULL_ERROR) and the errors are reported
     here instead. ``HYDRA_FULL_ERROR=1`` set by the user still shows every traceback.
     """
-    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    show_traceback = previous == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
     def report(error: Exception) -> NoReturn:
@@ -77,6 +78,12 @@ def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_n
         main()
     except Exception as error:
         report(error)
+    finally:
+        # Called in-process (tests, notebooks), the setting must not reach later runs or children.
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def compose(
