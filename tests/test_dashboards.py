@@ -2,8 +2,6 @@
 logging to W&B (offline), TensorBoard and CSV at once."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,8 @@ from segformer import cli
 from segformer.data.sample import SCENE_SIZES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segformer.visualize import colorize, confusion_matrix_image, denormalize, make_palette, overlay
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 CLASSES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
 
@@ -81,10 +79,7 @@ def run(tmp_path_factory):
         "callbacks.rich_model_summary=null",
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=base / "run")
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.train(cfg)
+    load_script("train").train(cfg)
     yield base / "run"
     mp.undo()
 

@@ -3,7 +3,6 @@ run (one folder, one set of checkpoints, metrics equal to a 1-process evaluation
 detection and run folders from its variables, requeued runs resuming, the submitit config."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,8 +22,8 @@ from omegaconf import OmegaConf
 from segformer import cli, cluster
 from segformer.distributed import EvalSampler, batch_summary
 from segformer.errors import DataError
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SLURM_VARS = (
     "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID",
@@ -47,13 +46,6 @@ def _tiny(data_root: Path, num_val: int = 2) -> list[str]:
         "callbacks.rich_model_summary=null",
         "callbacks.rich_progress_bar=null",
     ]
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -106,7 +98,7 @@ def test_two_process_ddp_run_matches_one_process_evaluation(tmp_path, no_slurm):
     # The same weights scored by one process on the same 3 images.
     eval_overrides = [*_tiny(tmp_path / "sample", num_val=3)[:8], f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
     cfg = cli.compose(CONFIGS, "eval", eval_overrides, run_dir=tmp_path / "eval")
-    _script("eval").evaluate(cfg)
+    load_script("eval").evaluate(cfg)
     single = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for key, (value,) in ddp.items():
         assert value == pytest.approx(single[key], abs=1e-6), key
@@ -178,7 +170,7 @@ def test_resume_checkpoint_is_the_newest_left_in_the_run_folder(tmp_path):
 
 
 def test_a_requeued_run_resumes_from_its_folder(tmp_path, no_slurm):
-    train = _script("train").train
+    train = load_script("train").train
     base = [*_tiny(tmp_path / "sample"), "logger=csv"]
     cfg = cli.compose(CONFIGS, "train", [*base, "trainer.max_steps=2"], run_dir=tmp_path / "run")
     train(cfg)

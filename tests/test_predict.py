@@ -2,7 +2,6 @@
 preprocessing and inference, dataset ids and palettes, unreadable and too-small inputs, outputs
 that already exist, and where the settings come from."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,18 +20,11 @@ from segformer.data.transforms import eval_transform
 from segformer.errors import CheckpointError, ConfigError, DataError
 from segformer.inference import InferenceConfig, predict_probs
 from segformer.predictor import find_images, load_predictor
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SCALE = [128, 96]
 SIZES = {"wide": (96, 128), "tall": (150, 90), "small": (40, 50), "square": (70, 70)}  # (h, w)
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_model(num_classes: int) -> SegFormer:
@@ -82,7 +74,7 @@ def test_predict_writes_label_palette_and_overlay_per_image(model_dir, images, t
         tmp_path, f"ckpt_path={model_dir}", f"input={images}", f"output={out}", f"scale={SCALE}", "batch_size=3"
     )
     with pytest.raises(DataError, match="corrupt.png") as error:
-        _script("predict").predict(cfg)
+        load_script("predict").predict(cfg)
     assert "1 input(s)" in str(error.value) and "wide" not in str(error.value)
 
     model, palette = _tiny_model(4), np.array(generated_palette(4), np.uint8)
@@ -131,7 +123,7 @@ def test_too_small_images_are_skipped_by_name(model_dir, tmp_path):
         tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path}/*.png", f"output={tmp_path / 'out'}", f"scale={SCALE}"
     )
     with pytest.raises(DataError, match="strip.png"):
-        _script("predict").predict(cfg)
+        load_script("predict").predict(cfg)
     assert (tmp_path / "out" / "labels" / "fine.png").is_file()
     assert not (tmp_path / "out" / "labels" / "strip.png").exists()
 
@@ -142,7 +134,7 @@ def test_photos_are_segmented_upright_as_viewers_show_them(model_dir, tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     photo.save(tmp_path / "phone.jpg", exif=exif)
     cfg = _compose(tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path / 'phone.jpg'}", f"output={tmp_path / 'out'}")
-    _script("predict").predict(cfg)
+    load_script("predict").predict(cfg)
     for kind, name in (("labels", "phone.png"), ("colour", "phone.png"), ("overlay", "phone.jpg")):
         assert Image.open(tmp_path / "out" / kind / name).size == (48, 96)  # (width, height)
 
@@ -153,9 +145,9 @@ def test_existing_outputs_are_refused_unless_overwrite(model_dir, images, tmp_pa
     (out / "colour" / "wide.png").write_bytes(b"user file")
     args = [f"ckpt_path={model_dir}", f"input={images}/wide.png", f"output={out}", f"scale={SCALE}"]
     with pytest.raises(ConfigError, match=r"already holds 1 file.*wide.png.*overwrite=true"):
-        _script("predict").predict(_compose(tmp_path, *args))
+        load_script("predict").predict(_compose(tmp_path, *args))
     assert (out / "colour" / "wide.png").read_bytes() == b"user file"
-    assert _script("predict").predict(_compose(tmp_path, *args, "overwrite=true")) == 1
+    assert load_script("predict").predict(_compose(tmp_path, *args, "overwrite=true")) == 1
     assert np.asarray(Image.open(out / "colour" / "wide.png")).shape == (96, 128, 3)
 
 
@@ -174,7 +166,7 @@ def test_dataset_config_gives_dataset_ids_palette_and_test_scale(tmp_path, image
         "data.dataset.num_val=1",
         "data.scale=[64,48]",
     )
-    _script("predict").predict(cfg)
+    load_script("predict").predict(cfg)
     train_ids = _expected(model, images / "wide.png", scale=[64, 48])
     # The sample scenes use ADE20K's encoding: dataset id = training id + 1 (0 = unlabelled).
     np.testing.assert_array_equal(np.asarray(Image.open(out / "labels" / "wide.png")), train_ids + 1)
@@ -194,7 +186,7 @@ def test_dataset_with_other_class_count_is_refused(model_dir, images, tmp_path):
         "data.dataset.num_val=1",
     )
     with pytest.raises(CheckpointError, match="predicts 4 classes but SampleScenes has 7"):
-        _script("predict").predict(cfg)
+        load_script("predict").predict(cfg)
 
 
 def test_settings_come_from_the_training_run_unless_overridden(tmp_path):
@@ -251,4 +243,4 @@ def test_inputs_writing_the_same_outputs_are_refused(model_dir, images, tmp_path
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "wide.png")
     cfg = _compose(tmp_path, f"ckpt_path={model_dir}", f"input={tmp_path}/wide.*", f"output={tmp_path / 'out'}")
     with pytest.raises(DataError, match="same file name.*wide.jpg and .*wide.png"):
-        _script("predict").predict(cfg)
+        load_script("predict").predict(cfg)

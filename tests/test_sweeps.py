@@ -2,7 +2,6 @@
 of two trials maximising the val/mIoU that train.py returns."""
 
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,16 +9,9 @@ import pytest
 import yaml
 
 from segformer import cli
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-
-
-def _train_function():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.train
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -42,7 +34,7 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 def _sweep(monkeypatch, tmp_path, *overrides) -> list[float | None]:
     """Run ``train.py -m ...`` in this process; returns what each job returned."""
-    train = _train_function()
+    train = load_script("train").train
     returned = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides])

@@ -3,7 +3,6 @@ prediction PNGs."""
 
 import copy
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,17 +15,10 @@ from PIL import Image
 from segformer import SegFormer, cli
 from segformer.inference import InferenceConfig, predict_batch
 from segformer.optim import warmup_poly_factor
+from helpers import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 MAX_STEPS = 4
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_data(root: Path) -> list[str]:
@@ -62,7 +54,7 @@ def trained(tmp_path_factory):
         "callbacks.rich_model_summary=null",
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=base / "run")
-    best = _script("train").train(cfg)
+    best = load_script("train").train(cfg)
     return {"cfg": cfg, "best": best, "run": base / "run", "data": _tiny_data(base / "sample"), "base": base}
 
 
@@ -96,7 +88,7 @@ def test_eval_reproduces_validation_and_writes_dataset_ids(trained, tmp_path):
     best_ckpt = trained["run"] / "checkpoints" / "best.ckpt"
     overrides = [*trained["data"], f"ckpt_path={best_ckpt}", "save_predictions=true"]
     cfg = cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval")
-    miou = _script("eval").evaluate(cfg)
+    miou = load_script("eval").evaluate(cfg)
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert miou == pytest.approx(trained["best"], abs=1e-6)
@@ -131,7 +123,7 @@ def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
         f"ckpt_path={trained['run'] / 'checkpoints' / 'last.ckpt'}",
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=tmp_path / "resumed")
-    _script("train").train(cfg)
+    load_script("train").train(cfg)
     rows = _rows(tmp_path / "resumed" / "csv" / "metrics.csv")
     assert sorted(_column(rows, "train/loss")) == [MAX_STEPS, MAX_STEPS + 1]
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -166,7 +158,7 @@ def test_eval_mIoU_equals_the_official_cityscapes_script_on_its_predictions(tmp_
     ]
     cfg = cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval")
     assert cfg.data.inference.mode == "slide"
-    miou = _script("eval").evaluate(cfg)
+    miou = load_script("eval").evaluate(cfg)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
 
     args = copy.copy(cs_eval.args)
