@@ -11,7 +11,7 @@ from segformer import cli
 from segformer.data.sample import SCENE_SIZES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segformer.visualize import colorize, confusion_matrix_image, denormalize, make_palette, overlay
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 CLASSES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
@@ -61,15 +61,7 @@ def run(tmp_path_factory):
     mp.delenv("WANDB_API_KEY", raising=False)
     mp.setenv("HOME", str(base))  # no ~/.netrc login: W&B goes offline by itself
     overrides = [
-        f"data.root={base / 'sample'}",
-        "data.dataset.num_train=4",
-        "data.dataset.num_val=3",
-        "data.batch_size=2",
-        "data.val_batch_size=2",
-        "data.num_workers=0",
-        "data.crop_size=[64,64]",
-        "data.inference.scales=[1.0]",
-        "data.inference.flip=false",
+        *tiny_sample_overrides(base / "sample", num_train=4, num_val=3),
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",

@@ -2,7 +2,6 @@
 run (one folder, one set of checkpoints, metrics equal to a 1-process evaluation), SLURM
 detection and run folders from its variables, requeued runs resuming, the submitit config."""
 
-import csv
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from omegaconf import OmegaConf
 from segformer import cli, cluster
 from segformer.distributed import EvalSampler, batch_summary
 from segformer.errors import DataError
-from helpers import ROOT, load_script
+from helpers import ROOT, csv_rows, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 SLURM_VARS = (
@@ -32,25 +31,12 @@ SLURM_VARS = (
 
 def _tiny(data_root: Path, num_val: int = 2) -> list[str]:
     return [
-        f"data.root={data_root}",
-        "data.dataset.num_train=8",
-        f"data.dataset.num_val={num_val}",
-        "data.batch_size=2",
-        "data.val_batch_size=1",
-        "data.num_workers=0",
-        "data.crop_size=[64,64]",
-        "data.inference.scales=[1.0]",
-        "data.inference.flip=false",
+        *tiny_sample_overrides(data_root, num_train=8, num_val=num_val, val_batch_size=1),
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         "callbacks.rich_model_summary=null",
         "callbacks.rich_progress_bar=null",
     ]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture
@@ -91,12 +77,12 @@ def test_two_process_ddp_run_matches_one_process_evaluation(tmp_path, no_slurm):
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()  # one folder for both ranks
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    rows = _rows(run / "csv" / "metrics.csv")
+    rows = csv_rows(run / "csv" / "metrics.csv")
     ddp = {key: [float(r[f"val/{key}"]) for r in rows if r.get(f"val/{key}")] for key in ("mIoU", "aAcc", "mAcc")}
     assert all(len(values) == 1 for values in ddp.values()), ddp
 
     # The same weights scored by one process on the same 3 images.
-    eval_overrides = [*_tiny(tmp_path / "sample", num_val=3)[:8], f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    eval_overrides = [*tiny_sample_overrides(tmp_path / "sample", num_train=8, num_val=3, val_batch_size=1), f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
     cfg = cli.compose(CONFIGS, "eval", eval_overrides, run_dir=tmp_path / "eval")
     load_script("eval").evaluate(cfg)
     single = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -177,7 +163,7 @@ def test_a_requeued_run_resumes_from_its_folder(tmp_path, no_slurm):
     # The requeued job: same folder, no ckpt_path; it continues at step 2.
     cfg = cli.compose(CONFIGS, "train", [*base, "trainer.max_steps=4"], run_dir=tmp_path / "run")
     train(cfg)
-    rows = _rows(tmp_path / "run" / "csv" / "metrics.csv")
+    rows = csv_rows(tmp_path / "run" / "csv" / "metrics.csv")
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [2, 3]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 

@@ -9,22 +9,14 @@ import pytest
 import yaml
 
 from segformer import cli
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 
 
 def _tiny(tmp_path: Path) -> list[str]:
     return [
-        f"data.root={tmp_path / 'sample'}",
-        "data.dataset.num_train=4",
-        "data.dataset.num_val=2",
-        "data.batch_size=2",
-        "data.val_batch_size=2",
-        "data.num_workers=0",
-        "data.crop_size=[64,64]",
-        "data.inference.scales=[1.0]",
-        "data.inference.flip=false",
+        *tiny_sample_overrides(tmp_path / "sample", num_train=4, num_val=2),
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "callbacks.rich_model_summary=null",

@@ -2,7 +2,6 @@
 prediction PNGs."""
 
 import copy
-import csv
 import json
 from pathlib import Path
 
@@ -15,27 +14,10 @@ from PIL import Image
 from segformer import SegFormer, cli
 from segformer.inference import InferenceConfig, predict_batch
 from segformer.optim import warmup_poly_factor
-from helpers import ROOT, load_script
+from helpers import ROOT, csv_rows, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 MAX_STEPS = 4
-
-
-def _tiny_data(root: Path) -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.dataset.num_train=8",
-        "data.dataset.num_val=2",
-        "data.batch_size=2",
-        "data.val_batch_size=2",
-        "data.num_workers=0",
-        "data.crop_size=[64,64]",
-    ]
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path) as handle:
-        return list(csv.DictReader(handle))
 
 
 def _column(rows, key):
@@ -46,7 +28,7 @@ def _column(rows, key):
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     overrides = [
-        *_tiny_data(base / "sample"),
+        *tiny_sample_overrides(base / "sample", num_train=8, num_val=2),
         f"trainer.max_steps={MAX_STEPS}",
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
@@ -55,13 +37,13 @@ def trained(tmp_path_factory):
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=base / "run")
     best = load_script("train").train(cfg)
-    return {"cfg": cfg, "best": best, "run": base / "run", "data": _tiny_data(base / "sample"), "base": base}
+    return {"cfg": cfg, "best": best, "run": base / "run", "data": tiny_sample_overrides(base / "sample", num_train=8, num_val=2), "base": base}
 
 
 def test_training_writes_checkpoints_and_logs(trained):
     run = trained["run"]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
-    rows = _rows(run / "csv" / "metrics.csv")
+    rows = csv_rows(run / "csv" / "metrics.csv")
     assert sorted(_column(rows, "train/loss")) == list(range(MAX_STEPS))
     # Validation after optimizer steps 2 and 4; Lightning logs it at the step index of the last
     # training batch (1 and 3).
@@ -76,7 +58,7 @@ def test_training_writes_checkpoints_and_logs(trained):
 
 def test_learning_rate_follows_the_configured_schedule(trained):
     cfg = trained["cfg"]
-    lrs = _column(_rows(trained["run"] / "csv" / "metrics.csv"), "train/lr")
+    lrs = _column(csv_rows(trained["run"] / "csv" / "metrics.csv"), "train/lr")
     for step, lr in lrs.items():
         factor = warmup_poly_factor(
             step, MAX_STEPS, cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power
@@ -124,7 +106,7 @@ def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=tmp_path / "resumed")
     load_script("train").train(cfg)
-    rows = _rows(tmp_path / "resumed" / "csv" / "metrics.csv")
+    rows = csv_rows(tmp_path / "resumed" / "csv" / "metrics.csv")
     assert sorted(_column(rows, "train/loss")) == [MAX_STEPS, MAX_STEPS + 1]
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == MAX_STEPS + 2
