@@ -108,10 +108,12 @@ def test_save_load_round_trip_keeps_eps_and_labels(tmp_path):
     assert torch.equal(our_logits(ours, x), our_logits(again, x))
 
 
-def encoder_features_close(hf_encoder_outputs, ours: SegFormer, x) -> float:
+def encoder_features_close(hf_encoder, ours: SegFormer, x) -> float:
+    """Largest difference between a transformers encoder's stage outputs and ours."""
     with torch.no_grad():
+        hidden = hf_encoder(x, output_hidden_states=True).hidden_states
         features = ours.eval().encoder(x)
-    return max((a - b).abs().max().item() for a, b in zip(hf_encoder_outputs, features))
+    return max((a - b).abs().max().item() for a, b in zip(hidden, features))
 
 
 def test_imagenet_encoder_gets_a_new_head(tmp_path, caplog):
@@ -125,9 +127,7 @@ def test_imagenet_encoder_gets_a_new_head(tmp_path, caplog):
     assert "decode head is new" in caplog.text
     assert ours.variant == "b1" and ours.num_classes == 5
     x = torch.randn(INPUT_SHAPE)
-    with torch.no_grad():
-        hidden = hf.segformer(x, output_hidden_states=True).hidden_states
-    assert encoder_features_close(hidden, ours, x) < 1e-4
+    assert encoder_features_close(hf.segformer, ours, x) < 1e-4
 
 
 def test_bare_segformer_model_folder(tmp_path):
@@ -136,9 +136,7 @@ def test_bare_segformer_model_folder(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = SegFormer.from_pretrained(tmp_path, num_classes=3)
     x = torch.randn(INPUT_SHAPE)
-    with torch.no_grad():
-        hidden = hf(x, output_hidden_states=True).hidden_states
-    assert encoder_features_close(hidden, ours, x) < 1e-4
+    assert encoder_features_close(hf, ours, x) < 1e-4
 
 
 # --- NVlabs checkpoints, written from a transformers model with the key names of REFERENCE.md ---
@@ -232,9 +230,7 @@ def test_nvlabs_imagenet_backbone(tmp_path):
     assert ours.norm_eps == 1e-6 and ours.num_classes == 150
     nvlabs_eps(hf)
     x = torch.randn(INPUT_SHAPE)
-    with torch.no_grad():
-        hidden = hf.segformer(x, output_hidden_states=True).hidden_states
-    assert encoder_features_close(hidden, ours, x) < 1e-4
+    assert encoder_features_close(hf.segformer, ours, x) < 1e-4
 
 
 def test_lightning_checkpoint(tmp_path):
