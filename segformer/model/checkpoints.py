@@ -143,7 +143,7 @@ def map_key(native_key: str, fmt: str) -> str | tuple[str, str]:
     for pattern, template in FORMATS[fmt].keys:
         match = re.fullmatch(pattern, module)
         if match:
-            fields = {k: v for k, v in match.groupdict().items()}
+            fields = dict(match.groupdict())
             fields.update({k + "1": int(v) + 1 for k, v in match.groupdict().items()})
             if isinstance(template, tuple):
                 return tuple(t.format(**fields) + "." + param for t in template)
@@ -265,8 +265,8 @@ def _download_from_hub(repo_id: str) -> Path:
             f"No local path {repo_id!r} exists, and fetching it as a model id from the Hugging Face hub "
             f"failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no details'}). Offline, or without access, "
-            "download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and pass the "
-            "folder's path instead.".replace("{repo_id}", repo_id)
+            f"download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and pass the "
+            "folder's path instead."
         ) from None
     return Path(folder)
 
@@ -309,8 +309,6 @@ def _read_file(path: Path) -> Checkpoint:
             raw: Any = load_file(str(path))
         else:
             raw = _torch_load(path)
-    except CheckpointError:
-        raise
     except Exception as error:  # noqa: BLE001 - truncated or foreign files fail in many ways
         raise CheckpointError(
             f"Could not read checkpoint {str(path)!r}: {type(error).__name__}: {error}. The file may be "
