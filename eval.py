@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from segformer import SegFormer, cli
 from segformer.errors import CheckpointError
-from segformer.metrics import format_table, results_to_json
-from segformer.module import SegFormerModule
-from segformer.predictions import PredictionWriter
+from segformer.inference.metrics import format_table, results_to_json
+from segformer.training.module import SegFormerModule
+from segformer.inference.writers import PredictionWriter
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> float:
             f"{datamodule.num_classes}: evaluate it on the dataset it was trained for."
         )
     model.id2label = dict(enumerate(datamodule.classes))
-    inference = {**datamodule.inference, "window_batch": cfg.window_batch}
+    inference = datamodule.inference
     module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index)
 
     output_dir = Path(cfg.paths.output_dir)

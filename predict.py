@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from segformer import cli
 from segformer.errors import DataError
-from segformer.predictor import check_outputs, find_images, load_predictor, predict_images
+from segformer.inference.predictor import check_outputs, find_images, load_predictor, predict_images
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -13,8 +13,9 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from segformer import checkpointing, cli
-from segformer.module import SegFormerModule
+from segformer import cli
+from segformer.training import resume
+from segformer.training.module import SegFormerModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -33,7 +34,7 @@ def train(cfg: DictConfig) -> float | None:
         model,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
-        inference={**datamodule.inference, "window_batch": cfg.window_batch},
+        inference=datamodule.inference,
         ignore_index=datamodule.ignore_index,
         compile=cfg.compile,
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
@@ -42,14 +43,14 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = cli.instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     # Checkpoints are written to a temporary file and renamed: a kill while saving keeps the last one.
     trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpointing.AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[resume.AtomicCheckpointIO()]
     )
 
     # Without ckpt_path, a run folder that already holds checkpoints (a re-run with the same
     # hydra.run.dir, a requeued SLURM job) resumes; ckpt_path=last says so explicitly.
-    ckpt_path = checkpointing.resume_path(cfg.ckpt_path, trainer, callbacks, cfg.paths.output_dir)
+    ckpt_path = resume.resume_path(cfg.ckpt_path, trainer, callbacks, cfg.paths.output_dir)
     if ckpt_path is not None:
-        checkpointing.check_resumable(ckpt_path, module)
+        resume.check_resumable(ckpt_path, module)
     cli.log_config(loggers, cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

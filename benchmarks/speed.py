@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from segformer import SegFormer
-from segformer.module import segmentation_loss
+from segformer.training.module import segmentation_loss
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
 

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from segformer.data.datasets import IGNORE_INDEX, SegmentationDataset
 from segformer.data.sampler import ResumableSampler
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
-from segformer.distributed import EvalSampler
+from segformer.data.sampler import EvalSampler
 from segformer.errors import ConfigError, DataError
+from segformer.inference.inference import MODES
 
-INFERENCE_MODES = ("whole", "slide")
 log = logging.getLogger(__name__)
 
 
@@ -113,7 +113,7 @@ def collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Hydra hands nested config as DictConfig/ListConfig; the pipeline wants plain values."""
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
@@ -142,7 +142,7 @@ class SegDataModule(L.LightningDataModule):
             flip_prob, photometric).
         size_divisor: round test sizes up to a multiple of this (NVlabs uses 32 for ADE20K).
         inference: how the dataset is evaluated (mode whole|slide, crop_size, stride, scales,
-            flip); read by the inference code, stored here because it belongs to the dataset.
+            flip, window_batch); read by the inference code, stored here because it belongs to the dataset.
         skip_bad_samples: a train sample that cannot be read is logged and replaced by the next
             one instead of stopping the run (validation and test data are always strict).
 
@@ -189,15 +189,15 @@ class SegDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
-        self.crop_size = [int(v) for v in _plain(crop_size)]
-        self.scale = [int(v) for v in _plain(scale)]
-        self.augment = dict(_plain(augment) or {})
+        self.crop_size = [int(v) for v in plain(crop_size)]
+        self.scale = [int(v) for v in plain(scale)]
+        self.augment = dict(plain(augment) or {})
         _check_keys("augment", self.augment, train_transform, ("crop_size", "scale", "mean", "std", "ignore_index"))
         self.train_transform = train_transform(
-            self.crop_size, self.scale, mean=_plain(mean), std=_plain(std), ignore_index=IGNORE_INDEX, **self.augment
+            self.crop_size, self.scale, mean=plain(mean), std=plain(std), ignore_index=IGNORE_INDEX, **self.augment
         )
-        self.eval_transform = eval_transform(self.scale, size_divisor, mean=_plain(mean), std=_plain(std))
-        self.inference = self._inference_settings(_plain(inference) or {})
+        self.eval_transform = eval_transform(self.scale, size_divisor, mean=plain(mean), std=plain(std))
+        self.inference = self._inference_settings(plain(inference) or {})
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self._datasets: dict[str, SegmentationDataset] = {}
         self.skip_bad_samples = bool(skip_bad_samples)
@@ -211,13 +211,14 @@ class SegDataModule(L.LightningDataModule):
             "stride": [max(c * 2 // 3, 1) for c in self.crop_size],
             "scales": [1.0],
             "flip": False,
+            "window_batch": 1,
         }
         unknown = sorted(set(given) - set(settings))
         if unknown:
             raise ConfigError(f"Unknown key(s) {unknown} in data.inference; allowed keys are {list(settings)}.")
         settings.update(given)
-        if settings["mode"] not in INFERENCE_MODES:
-            raise ConfigError(f"data.inference.mode must be one of {INFERENCE_MODES}, got {settings['mode']!r}.")
+        if settings["mode"] not in MODES:
+            raise ConfigError(f"data.inference.mode must be one of {MODES}, got {settings['mode']!r}.")
         return settings
 
     def dataset(self, split: str) -> SegmentationDataset:

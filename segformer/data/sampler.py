@@ -1,11 +1,15 @@
-"""The train sampler that lets an interrupted run continue mid-epoch with the same data.
+"""Samplers: the train sampler that resumes mid-epoch, and the evaluation split across ranks.
 
-Lightning restarts an epoch's data from its first batch when a run resumes. ``ResumableSampler``
+Train: Lightning restarts an epoch's data from its first batch when a run resumes. ``ResumableSampler``
 instead draws each epoch's order from ``(seed, epoch)`` alone and can start an epoch at any
 position, so a resumed run sees exactly the batches the interrupted one had not consumed yet.
 It also hands every sample a seed of its own, derived from ``(seed, epoch, index)``, for the
 augmentation pipeline: augmentations then depend on neither the worker that loads a sample nor
 the state of any global generator, which a resumed run could not reproduce.
+
+Evaluation: Lightning's ``DistributedSampler`` pads the split with repeated images so that every
+rank gets as many as the others; they would be counted twice in the dataset-level confusion
+matrix. ``EvalSampler`` gives each image to exactly one rank instead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+from segformer.errors import DataError
 
 
 def run_seed() -> int:
@@ -103,3 +109,49 @@ class ResumableSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self._start = int(state["consumed"])
+
+
+class EvalSampler(DistributedSampler):
+    """Image i goes to rank ``i % world_size``, in order, without padding; ranks may differ by one.
+
+    The rank and world size are read from ``torch.distributed`` each time the sampler is used (a
+    loader built before the processes start, as eval.py builds it, still splits correctly);
+    ``num_replicas`` / ``rank`` fix them instead. Without a process group it yields every image.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
+        # DistributedSampler.__init__ needs a process group now; the split is decided later.
+        self.dataset = dataset
+        self._num_replicas, self._rank = num_replicas, rank
+        self.shuffle, self.drop_last, self.seed, self.epoch = False, False, 0, 0
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _indices(self) -> range:
+        size, world = len(self.dataset), self.num_replicas
+        if 0 < size < world:
+            # A rank without images would wait forever for the others in DDP's first forward.
+            raise DataError(
+                f"The evaluation split has {size} image(s) but the run has {world} processes: every "
+                "process needs at least one image. Use fewer devices or a larger split."
+            )
+        return range(self.rank, size, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch

@@ -16,14 +16,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from segformer.errors import CheckpointError
 from segformer.model.mit import MIT_VARIANTS
-from segformer.model.segformer import DECODER_DIMS, SegFormer
+from segformer.model.head import DECODER_DIMS
+
+if TYPE_CHECKING:  # the model imports this module, not the other way round
+    from segformer.model.segformer import SegFormer
 
 log = logging.getLogger(__name__)
 
@@ -354,62 +357,7 @@ def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_pretrained(source: str | os.PathLike, num_classes: int | None = None, **kwargs: Any) -> SegFormer:
-    """Build a SegFormer around a checkpoint; see `SegFormer.from_pretrained`."""
-    checkpoint = read_checkpoint(source)
-    fmt, state_dict = checkpoint.format, checkpoint.state_dict
-    try:
-        arch = infer_architecture(state_dict, fmt)
-    except CheckpointError as error:
-        raise CheckpointError(f"Checkpoint {checkpoint.origin!r} does not fit SegFormer: {error}.") from None
-    has_head = arch["num_classes"] is not None
-    if not has_head and num_classes is None:
-        raise CheckpointError(
-            f"Checkpoint {checkpoint.origin!r} holds only an encoder (ImageNet-pretrained MiT); pass "
-            "num_classes to put a new decode head on it."
-        )
-    model = SegFormer(
-        arch["variant"],
-        num_classes=arch["num_classes"] or num_classes,
-        norm_eps=checkpoint.norm_eps,
-        decoder_dim=arch["decoder_dim"],
-        **kwargs,
-    )
-    native, missing, unexpected = to_native(state_dict, fmt, model)
-    if not has_head:
-        missing = [k for k in missing if not k.startswith("decode_head.")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"Checkpoint {checkpoint.origin!r} ({fmt} format, SegFormer-{arch['variant'].upper()}) does not "
-            f"fit the model: {len(missing)} missing keys ({_preview(missing)}) and {len(unexpected)} "
-            f"unexpected keys ({_preview(unexpected)}). Nothing was loaded."
-        )
-    expected = model.state_dict()
-    misshapen = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in native.items() if v.shape != expected[k].shape]
-    if misshapen:
-        raise CheckpointError(
-            f"Checkpoint {checkpoint.origin!r} has tensors of the wrong shape: {_preview(misshapen)}. Nothing was loaded."
-        )
-    # Tensors the checkpoint may lack (a new head, BatchNorm's counter) keep their initial values.
-    model.load_state_dict({**expected, **native})
-    if has_head:
-        model.id2label = checkpoint.id2label if checkpoint.id2label and len(checkpoint.id2label) == model.num_classes else None
-        log.info("Loaded all %d tensors of %s (%s format).", len(native), checkpoint.origin, fmt)
-    else:
-        log.info(
-            "Loaded the SegFormer-%s encoder from %s (%s format, %d tensors); the decode head is new.",
-            arch["variant"].upper(), checkpoint.origin, fmt, len(native),
-        )
-    if num_classes is not None and num_classes != model.num_classes:
-        log.warning(
-            "%s has %d classes; the classifier is re-initialised for %d classes.",
-            checkpoint.origin, model.num_classes, num_classes,
-        )
-        model.reset_classifier(num_classes)
-    return model
-
-
-def _preview(keys: list[str], limit: int = 6) -> str:
+def preview(keys: list[str], limit: int = 6) -> str:
     if not keys:
         return "none"
     shown = ", ".join(keys[:limit])

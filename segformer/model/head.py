@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# The NVlabs/transformers decoder widths, which every public checkpoint follows (MMSeg 1.x uses
+# 256 for all, which `decoder_dim` can express).
+DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+
+
 class DecodeHead(nn.Module):
     """Per-stage linear projection to D channels, fusion, BN-ReLU, dropout and a classifier."""
 

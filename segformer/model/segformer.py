@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from torch import Tensor, nn
 
-from segformer.errors import ConfigError
-from segformer.model.head import DecodeHead
+from segformer.errors import CheckpointError, ConfigError
+from segformer.model import checkpoints
+from segformer.model.head import DECODER_DIMS, DecodeHead
 from segformer.model.mit import MIT_VARIANTS, MixTransformer
 
-# The NVlabs/transformers decoder widths, which every public checkpoint follows (MMSeg 1.x uses
-# 256 for all, which `decoder_dim` can express).
 # The smallest side whose 1/4-resolution token grid (ceil(side / 4)) fits stage 1's 8x8
 # sequence-reduction kernel.
 MIN_INPUT_SIZE = 29
 
-DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+log = logging.getLogger(__name__)
 
 
 class SegFormer(nn.Module):
@@ -128,17 +128,61 @@ class SegFormer(nn.Module):
         ``.pth`` (backbone or full model), or one of our Lightning ``.ckpt`` files.
 
         The variant comes from the weights. ``num_classes`` different from the checkpoint's
-        gives a fresh classifier; ``kwargs`` go to the constructor (``fast_head``, ...).
+        gives a fresh classifier; ``kwargs`` go to the constructor (``fast_head``, ``norm_eps``,
+        ...) and win over what the checkpoint says. Loading counts what matched: missing,
+        unexpected or misshapen keys raise ``CheckpointError``, never a silently random model.
         """
-        from segformer.model.checkpoints import load_pretrained
-
-        return load_pretrained(source, num_classes=num_classes, **kwargs)
+        checkpoint = checkpoints.read_checkpoint(source)
+        fmt, state_dict = checkpoint.format, checkpoint.state_dict
+        try:
+            arch = checkpoints.infer_architecture(state_dict, fmt)
+        except CheckpointError as error:
+            raise CheckpointError(f"Checkpoint {checkpoint.origin!r} does not fit SegFormer: {error}.") from None
+        has_head = arch["num_classes"] is not None
+        if not has_head and num_classes is None:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint.origin!r} holds only an encoder (ImageNet-pretrained MiT); pass "
+                "num_classes to put a new decode head on it."
+            )
+        # What the checkpoint says, unless the caller says otherwise (norm_eps=..., decoder_dim=...).
+        settings = {"norm_eps": checkpoint.norm_eps, "decoder_dim": arch["decoder_dim"], **kwargs}
+        model = cls(arch["variant"], num_classes=arch["num_classes"] or num_classes, **settings)
+        native, missing, unexpected = checkpoints.to_native(state_dict, fmt, model)
+        if not has_head:
+            missing = [k for k in missing if not k.startswith("decode_head.")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint.origin!r} ({fmt} format, SegFormer-{arch['variant'].upper()}) does not "
+                f"fit the model: {len(missing)} missing keys ({checkpoints.preview(missing)}) and {len(unexpected)} "
+                f"unexpected keys ({checkpoints.preview(unexpected)}). Nothing was loaded."
+            )
+        expected = model.state_dict()
+        misshapen = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in native.items() if v.shape != expected[k].shape]
+        if misshapen:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint.origin!r} has tensors of the wrong shape: {checkpoints.preview(misshapen)}. Nothing was loaded."
+            )
+        # Tensors the checkpoint may lack (a new head, BatchNorm's counter) keep their initial values.
+        model.load_state_dict({**expected, **native})
+        if has_head:
+            model.id2label = checkpoint.id2label if checkpoint.id2label and len(checkpoint.id2label) == model.num_classes else None
+            log.info("Loaded all %d tensors of %s (%s format).", len(native), checkpoint.origin, fmt)
+        else:
+            log.info(
+                "Loaded the SegFormer-%s encoder from %s (%s format, %d tensors); the decode head is new.",
+                arch["variant"].upper(), checkpoint.origin, fmt, len(native),
+            )
+        if num_classes is not None and num_classes != model.num_classes:
+            log.warning(
+                "%s has %d classes; the classifier is re-initialised for %d classes.",
+                checkpoint.origin, model.num_classes, num_classes,
+            )
+            model.reset_classifier(num_classes)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers' SegFormer classes load."""
-        from segformer.model.checkpoints import save_transformers
-
-        save_transformers(self, directory)
+        checkpoints.save_transformers(self, directory)
 
 
 def build_segformer(

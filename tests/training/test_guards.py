@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from segformer import SegFormer, cli
-from segformer.guards import NonFiniteLossError, NonFiniteLossGuard
-from segformer.module import SegFormerModule
-from segformer.optim import build_adamw
+from segformer.training.guards import NonFiniteLossError, NonFiniteLossGuard
+from segformer.training.module import SegFormerModule
+from segformer.training.optim import build_adamw
 
 
 class RandomScenes(Dataset):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from segformer.data.labels import CITYSCAPES_TRAIN_TO_LABEL_ID
 from segformer.errors import ConfigError, DataError
-from segformer.metrics import (
+from segformer.inference.metrics import (
     SegmentationMetrics,
     format_table,
     results_to_json,

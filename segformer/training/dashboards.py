@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segformer.distributed import batch_summary
-from segformer.visualize import confusion_matrix_image, denormalize, make_palette, overlay, resize_image
+from segformer.training.batch import batch_summary
+from segformer.inference.pictures import confusion_matrix_image, denormalize, make_palette, overlay, resize_image
 
 
 def _logged_step(trainer: Trainer) -> int:

@@ -2,7 +2,7 @@
 
 Validation and testing predict with ``segformer.inference`` in the dataset's evaluation mode,
 at the labels' original resolution, and accumulate one confusion matrix over the whole split
-(``segformer.metrics``), summed across DDP ranks.
+(``segformer.inference.metrics``), summed across DDP ranks.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from segformer.data.sampler import derived_seed, run_seed
 from segformer.errors import ConfigError
-from segformer.guards import NonFiniteLossGuard
+from segformer.training.guards import NonFiniteLossGuard
 from segformer.inference import InferenceConfig, predict_batch
-from segformer.metrics import SegmentationMetrics
+from segformer.inference.metrics import SegmentationMetrics
 from segformer.model import SegFormer
 
 SCORES = ("mIoU", "mAcc", "aAcc")

@@ -27,11 +27,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from segformer.data.datamodule import plain
 from segformer.data.datasets import IMAGE_SUFFIXES, SegmentationDataset
 from segformer.data.labels import generated_palette
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from segformer.errors import CheckpointError, ConfigError, DataError
 from segformer.inference import InferenceConfig, predict_batch
+from segformer.inference.pictures import colorize, make_palette, overlay
+from segformer.inference.writers import save_label_png
 from segformer.model.segformer import MIN_INPUT_SIZE, SegFormer
 
 # The paper's ADE20K test scale (the data module's default), for checkpoints of unknown origin.
@@ -54,7 +57,7 @@ class Preprocessing:
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any]) -> Preprocessing:
         """From a data config (``configs/data/*.yaml`` keys); missing keys keep the defaults."""
-        values = _plain({key: node.get(key) for key in ("scale", "size_divisor", "mean", "std")})
+        values = plain({key: node.get(key) for key in ("scale", "size_divisor", "mean", "std")})
         default = cls()
         divisor = values["size_divisor"]
         if divisor is not None and not (isinstance(divisor, int) and divisor > 0):
@@ -68,7 +71,7 @@ class Preprocessing:
         return preprocessing.with_scale(values["scale"] or default.scale)
 
     def with_scale(self, scale: Sequence[int]) -> Preprocessing:
-        values = list(_plain(scale))
+        values = list(plain(scale))
         if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             raise ConfigError(f"scale must be [long, short], two positive integers, got {scale!r}.")
         return Preprocessing((max(values), min(values)), self.size_divisor, tuple(self.mean), tuple(self.std))
@@ -156,7 +159,7 @@ def load_predictor(
         settings_from = f"the data config ({type(dataset).__name__})"
     elif run_config is not None and run_config.get("data") is not None:
         preprocessing = Preprocessing.from_mapping(run_config.data)
-        base_inference = _plain(run_config.data.get("inference")) or {}
+        base_inference = plain(run_config.data.get("inference")) or {}
         settings_from = f"the training run {run_dir}"
     else:
         preprocessing, base_inference = Preprocessing(), {}
@@ -164,7 +167,7 @@ def load_predictor(
     if scale is not None:
         preprocessing = preprocessing.with_scale(scale)
         settings_from += ", scale from the command line"
-    overrides = {key: value for key, value in _plain(inference or {}).items() if value is not None}
+    overrides = {key: value for key, value in plain(inference or {}).items() if value is not None}
     if dataset is not None and _placeholder_names(model):
         model.id2label = dict(enumerate(dataset.classes))
     return Predictor(
@@ -221,10 +224,6 @@ def _dataset(datamodule: Any, ckpt_path: str | os.PathLike, model: SegFormer) ->
 
 def _placeholder_names(model: SegFormer) -> bool:
     return all(name == f"class_{k}" for k, name in model.id2label.items())
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def find_images(pattern: str | os.PathLike) -> list[Path]:
@@ -336,27 +335,15 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def colourise(pred: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """(H, W, 3) uint8 image of training ids coloured by ``palette``."""
-    return np.asarray(palette, dtype=np.uint8)[pred]
-
-
-def overlay(image: np.ndarray, colours: np.ndarray, alpha: float) -> np.ndarray:
-    """The photo with the class colours blended over it (``alpha`` = colour weight)."""
-    blended = image.astype(np.float32) * (1.0 - alpha) + colours.astype(np.float32) * alpha
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-
-
 def write_outputs(
     predictor: Predictor, output: Path, path: Path, image: np.ndarray, pred: np.ndarray, alpha: float
 ) -> dict[str, Path]:
     """Write the label PNG (dataset ids, 16-bit when they exceed 255), palette PNG and overlay."""
     paths = output_paths(output, path)
-    ids = predictor.to_dataset_ids(pred)
-    colours = colourise(pred, predictor.palette)
-    Image.fromarray(ids.astype(np.uint8 if ids.max(initial=0) <= 255 else np.uint16)).save(paths["labels"])
-    Image.fromarray(colours).save(paths["colour"])
-    Image.fromarray(overlay(image, colours, alpha)).save(paths["overlay"], quality=90)
+    palette = make_palette(len(predictor.palette), predictor.palette)
+    save_label_png(paths["labels"], predictor.to_dataset_ids(pred))
+    Image.fromarray(colorize(pred, palette)).save(paths["colour"])
+    Image.fromarray(overlay(image, pred, palette, alpha)).save(paths["overlay"], quality=90)
     return paths
 
 

@@ -10,6 +10,7 @@ one of another model with a ``CheckpointError`` before training writes anything.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from segformer import cluster
 from segformer.errors import CheckpointError
 
 LAST = "last"
@@ -65,6 +66,33 @@ def _fsync_folder(folder: Path) -> None:
     finally:
         os.close(descriptor)
 
+def _checkpoint_number(path: Path) -> int:
+    match = re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def resume_checkpoint(trainer: Trainer, callbacks: Sequence[Callback]) -> str | None:
+    """The newest checkpoint a previous attempt of this run left in its folder, or None.
+
+    Candidates: ``last.ckpt`` of every ModelCheckpoint with ``save_last``, and the
+    ``hpc_ckpt_<n>.ckpt`` that Lightning saves in ``default_root_dir`` when SLURM signals the
+    end of the job (``#SBATCH --signal=SIGUSR1@90``). A fresh run folder has none of them, so a
+    new run starts from scratch.
+    """
+    candidates = [
+        Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        for callback in callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
+    ]
+    hpc = sorted(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"), key=_checkpoint_number)
+    candidates += hpc[-1:]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda path: path.stat().st_mtime)
+    rank_zero_info(f"Resuming from {newest} (left in this run's folder by an earlier attempt).")
+    return str(newest)
+
 
 def newest_in_run_folder(folder: Path) -> Path | None:
     """The newest resumable checkpoint of a train.py run folder (checkpoints/last.ckpt, or the
@@ -84,7 +112,7 @@ def resume_path(ckpt_path: str | None, trainer: Trainer, callbacks: Sequence[Cal
     - a file: that checkpoint.
     """
     if ckpt_path is None or ckpt_path == LAST:
-        found = cluster.resume_checkpoint(trainer, callbacks)
+        found = resume_checkpoint(trainer, callbacks)
         if found is None and ckpt_path == LAST:
             rank_zero_warn(
                 f"ckpt_path=last: the run folder {run_dir} holds no checkpoint yet, so training starts "

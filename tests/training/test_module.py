@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from segformer import SegFormer
 from segformer.errors import ConfigError
-from segformer.module import SegFormerModule, segmentation_loss
-from segformer.optim import build_adamw, build_poly_schedule
+from segformer.training.module import SegFormerModule, segmentation_loss
+from segformer.training.optim import build_adamw, build_poly_schedule
 
 NUM_CLASSES = 4
 

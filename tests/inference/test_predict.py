@@ -19,7 +19,7 @@ from segformer.data.labels import generated_palette
 from segformer.data.transforms import eval_transform
 from segformer.errors import CheckpointError, ConfigError, DataError
 from segformer.inference import InferenceConfig, predict_probs
-from segformer.predictor import find_images, load_predictor
+from segformer.inference.predictor import find_images, load_predictor
 from helpers import ROOT, load_script
 
 CONFIGS = ROOT / "configs"

@@ -1,4 +1,4 @@
-"""Pictures for dashboards: colour masks, image overlays, a confusion-matrix heatmap.
+"""Pictures: colour masks and image overlays (dashboards, predict.py), a confusion-matrix heatmap.
 
 numpy and Pillow only (no plotting library at run time); every function returns an (H, W, 3)
 uint8 RGB array that any logger takes.
@@ -6,7 +6,6 @@ uint8 RGB array that any logger takes.
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,20 +13,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from segformer.data.labels import generated_palette
+
 IGNORE_COLOUR = (0, 0, 0)
 
 
 def make_palette(num_classes: int, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: ``palette`` when it has one per class, else distinct
-    colours spread around the hue circle (golden-ratio steps, so neighbours differ) at three
-    brightnesses and two saturations."""
-    if palette is not None and len(palette) >= num_classes:
-        return np.asarray(palette[:num_classes], dtype=np.uint8).reshape(num_classes, 3)
-    colours = [
-        colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, (0.8, 1.0)[(i // 3) % 2], (0.95, 0.75, 0.55)[i % 3])
-        for i in range(num_classes)
-    ]
-    return (np.asarray(colours, dtype=np.float64).reshape(num_classes, 3) * 255).round().astype(np.uint8)
+    """(num_classes, 3) uint8 colours: ``palette`` when it has one per class, else the generated
+    palette datasets without one use (``labels.generated_palette``)."""
+    if palette is None or len(palette) < num_classes:
+        palette = generated_palette(num_classes)
+    return np.asarray(palette[:num_classes], dtype=np.uint8).reshape(num_classes, 3)
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:

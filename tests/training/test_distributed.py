@@ -18,8 +18,10 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 
-from segformer import cli, cluster
-from segformer.distributed import EvalSampler, batch_summary
+from segformer import cli
+from segformer.training import resume, run_folder
+from segformer.data.sampler import EvalSampler
+from segformer.training.batch import batch_summary
 from segformer.errors import DataError
 from helpers import ROOT, csv_rows, load_script, tiny_sample_overrides
 
@@ -107,7 +109,7 @@ def test_two_process_ddp_run_matches_one_process_evaluation(tmp_path, no_slurm):
     ],
 )
 def test_slurm_job_name_from_the_environment(env, expected):
-    assert cluster.slurm_job_name(env) == expected
+    assert run_folder.slurm_job_name(env) == expected
 
 
 def _output_dir(monkeypatch, tmp_path) -> Path:
@@ -144,15 +146,15 @@ def test_resume_checkpoint_is_the_newest_left_in_the_run_folder(tmp_path):
         ModelCheckpoint(dirpath=checkpoints, monitor="x"),
     ]
     trainer = Trainer(default_root_dir=tmp_path, logger=False, callbacks=callbacks)
-    assert cluster.resume_checkpoint(trainer, callbacks) is None
+    assert resume.resume_checkpoint(trainer, callbacks) is None
     checkpoints.mkdir()
     (checkpoints / "last.ckpt").write_bytes(b"")
-    assert cluster.resume_checkpoint(trainer, callbacks) == str(checkpoints / "last.ckpt")
+    assert resume.resume_checkpoint(trainer, callbacks) == str(checkpoints / "last.ckpt")
     # Lightning's SLURM signal handler saved later, twice: the highest number wins.
     for n in (1, 2, 10):
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"")
     os.utime(checkpoints / "last.ckpt", (1, 1))
-    assert cluster.resume_checkpoint(trainer, callbacks) == str(tmp_path / "hpc_ckpt_10.ckpt")
+    assert resume.resume_checkpoint(trainer, callbacks) == str(tmp_path / "hpc_ckpt_10.ckpt")
 
 
 def test_a_requeued_run_resumes_from_its_folder(tmp_path, no_slurm):

@@ -10,14 +10,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
+from segformer import cli
 from segformer.data import FolderDataset, SampleScenes, SegDataModule
 from segformer.data.sample import SAMPLE_CLASSES, SAMPLE_PALETTE
 from segformer.errors import ConfigError, DataError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def data_config(tmp_path: Path, *overrides: str):
+    """The training config as train.py composes it, with the data under tmp_path."""
+    return cli.compose(CONFIGS, "train", [f"paths.data_dir={tmp_path}", *overrides], run_dir=tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_module_exposes_dataset_description(sample_root):
     dm = sample_module(sample_root, inference={"mode": "slide", "stride": [48, 48]})
     assert dm.num_classes == 7 and dm.ignore_index == 255
     assert dm.classes == list(SAMPLE_CLASSES) and dm.palette == [list(c) for c in SAMPLE_PALETTE]
-    assert dm.inference == {"mode": "slide", "crop_size": [64, 96], "stride": [48, 48], "scales": [1.0], "flip": False}
+    assert dm.inference == {"mode": "slide", "crop_size": [64, 96], "stride": [48, 48], "scales": [1.0], "flip": False, "window_batch": 1}
     assert dm.dataset("train") is dm.dataset("train") and len(dm.dataset("train")) == 8
 
 
@@ -140,10 +145,8 @@ def test_a_bad_file_read_in_a_worker_raises_data_error_naming_it(tmp_path):
 
 @pytest.mark.parametrize("name", ["ade20k", "cityscapes", "sample", "hf", "folder"])
 def test_every_data_config_instantiates(tmp_path, name):
-    data = OmegaConf.load(CONFIGS / f"{name}.yaml")
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": data})
-    if name == "folder":
-        cfg.data.num_classes = 3
+    extra = ["data.num_classes=3"] if name == "folder" else []
+    cfg = data_config(tmp_path, f"data={name}", *extra)
     dm = instantiate(cfg.data)
     assert isinstance(dm, SegDataModule)
     assert dm.root == (str(tmp_path / name) if name != "hf" else "scene_parse_150")
@@ -152,13 +155,12 @@ def test_every_data_config_instantiates(tmp_path, name):
 
 
 def test_config_values_reach_the_pipeline(tmp_path):
-    ade = OmegaConf.load(CONFIGS / "ade20k.yaml")
+    ade = data_config(tmp_path, "data=ade20k").data
     assert ade.crop_size == [512, 512] and ade.scale == [2048, 512] and ade.augment.ratio_range == [0.5, 2.0]
     assert ade.augment.cat_max_ratio == 0.75 and ade.augment.photometric.hue_delta == 18
-    city = OmegaConf.load(CONFIGS / "cityscapes.yaml")
+    city = data_config(tmp_path, "data=cityscapes").data
     assert city.crop_size == [1024, 1024] and city.scale == [2048, 1024] and city.inference.stride == [768, 768]
-    cfg = OmegaConf.create({"paths": {"data_dir": str(tmp_path)}, "data": OmegaConf.load(CONFIGS / "sample.yaml")})
-    cfg.data.dataset.num_train, cfg.data.dataset.num_val = 4, 2
+    cfg = data_config(tmp_path, "data.dataset.num_train=4", "data.dataset.num_val=2")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

@@ -21,11 +21,15 @@ from segformer.data.datasets import SegmentationDataset
 
 def write_prediction(directory: Path, name: str, pred: np.ndarray, dataset: SegmentationDataset) -> Path:
     """Save one (H, W) map of training ids as ``directory/<name>.png`` in the dataset's ids
-    (8-bit, or 16-bit for ids above 255, as predict.py writes them)."""
-    ids = dataset.to_dataset_ids(pred)
+    (as predict.py writes them)."""
     path = directory / f"{name}.png"
-    Image.fromarray(ids.astype(np.uint8 if ids.max(initial=0) <= 255 else np.uint16)).save(path)
+    save_label_png(path, dataset.to_dataset_ids(pred))
     return path
+
+
+def save_label_png(path: Path, ids: np.ndarray) -> None:
+    """A map of label ids as a PNG: 8-bit, or 16-bit when an id exceeds 255."""
+    Image.fromarray(ids.astype(np.uint8 if ids.max(initial=0) <= 255 else np.uint16)).save(path)
 
 
 class PredictionWriter(L.Callback):

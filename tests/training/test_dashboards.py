@@ -10,7 +10,7 @@ import torch
 from segformer import cli
 from segformer.data.sample import SCENE_SIZES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segformer.visualize import colorize, confusion_matrix_image, denormalize, make_palette, overlay
+from segformer.inference.pictures import colorize, confusion_matrix_image, denormalize, make_palette, overlay
 from helpers import ROOT, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"

@@ -15,7 +15,7 @@ from segformer import cli
 from segformer.data.check import CONFIG_DIR, check, check_dataset, print_report
 from segformer.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pair(root: Path, split: str, name: str, image: np.ndarray, mask: np.ndarray | None) -> None:

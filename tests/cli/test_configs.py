@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary
 from omegaconf import OmegaConf
 
 from segformer import SegFormer, cli
-from segformer.callbacks import StepProgressBar, TrainingSpeed, ValidationDashboard
+from segformer.training.dashboards import StepProgressBar, TrainingSpeed, ValidationDashboard
 from segformer.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 

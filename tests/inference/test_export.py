@@ -13,10 +13,11 @@ from PIL import Image
 
 from segformer import SegFormer, cli
 from segformer.errors import ConfigError
-from segformer.export import export, onnx_parity
-from segformer.predictor import find_images, load_predictor, predict_images
+from segformer.export import export
+from segformer.inference.export import onnx_parity
+from segformer.inference.predictor import find_images, load_predictor, predict_images
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAMES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
 SCALE = (128, 96)
 

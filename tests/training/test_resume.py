@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from segformer import SegFormer, checkpointing, cli
+from segformer import SegFormer, cli
+from segformer.training import resume
 from segformer.errors import CheckpointError
-from segformer.module import SegFormerModule
+from segformer.training.module import SegFormerModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 8  # 8 train scenes in batches of 2: 4 steps per epoch, so the run crosses an epoch
 
 # train.py with a callback that SIGKILLs the process at optimizer step KILL_STEP, in the hook
@@ -159,31 +160,31 @@ def _module(variant: str = "b0", num_classes: int = 7) -> SegFormerModule:
 def test_resume_paths(reference, tmp_path):
     run = reference["run"]
     last = str(run / "checkpoints" / "last.ckpt")
-    assert checkpointing.resume_path(str(run), None, [], str(tmp_path)) == last
-    assert checkpointing.resume_path(last, None, [], str(tmp_path)) == last
+    assert resume.resume_path(str(run), None, [], str(tmp_path)) == last
+    assert resume.resume_path(last, None, [], str(tmp_path)) == last
     with pytest.raises(CheckpointError, match="folder without checkpoints"):
-        checkpointing.resume_path(str(tmp_path), None, [], str(tmp_path))
+        resume.resume_path(str(tmp_path), None, [], str(tmp_path))
     with pytest.raises(CheckpointError, match="does not exist"):
-        checkpointing.resume_path(str(tmp_path / "nope.ckpt"), None, [], str(tmp_path))
-    checkpointing.check_resumable(last, _module())
+        resume.resume_path(str(tmp_path / "nope.ckpt"), None, [], str(tmp_path))
+    resume.check_resumable(last, _module())
 
 
 def test_bad_checkpoints_are_refused_with_one_message(reference, tmp_path):
     last = reference["run"] / "checkpoints" / "last.ckpt"
     with pytest.raises(CheckpointError, match=r"holds SegFormer-b0 with 7 classes, not .*SegFormer-b0 with 19"):
-        checkpointing.check_resumable(str(last), _module(num_classes=19))
+        resume.check_resumable(str(last), _module(num_classes=19))
     with pytest.raises(CheckpointError, match=r"not .*SegFormer-b1"):
-        checkpointing.check_resumable(str(last), _module("b1"))
+        resume.check_resumable(str(last), _module("b1"))
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(last.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match=r"Cannot read checkpoint .*truncated.ckpt"):
-        checkpointing.check_resumable(str(truncated), _module())
+        resume.check_resumable(str(truncated), _module())
 
     weights = tmp_path / "weights.ckpt"
     torch.save({"state_dict": _module().state_dict()}, weights)
     with pytest.raises(CheckpointError, match="not a train.py checkpoint.*model.pretrained"):
-        checkpointing.check_resumable(str(weights), _module())
+        resume.check_resumable(str(weights), _module())
 
 
 def test_train_py_refuses_a_checkpoint_of_another_model_and_writes_nothing(reference, tmp_path, monkeypatch, capsys):

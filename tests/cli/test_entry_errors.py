@@ -12,7 +12,7 @@ from PIL import Image
 
 from segformer import SegFormer, cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import eval as eval_script  # noqa: E402
 import train as train_script  # noqa: E402

@@ -13,7 +13,7 @@ from PIL import Image
 
 from segformer import SegFormer, cli
 from segformer.inference import InferenceConfig, predict_batch
-from segformer.optim import warmup_poly_factor
+from segformer.training.optim import warmup_poly_factor
 from helpers import ROOT, csv_rows, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"

@@ -6,7 +6,7 @@ from torch import nn
 
 from segformer import SegFormer
 from segformer.errors import ConfigError
-from segformer.optim import build_adamw, build_poly_schedule, param_groups, warmup_poly_factor
+from segformer.training.optim import build_adamw, build_poly_schedule, param_groups, warmup_poly_factor
 
 
 @pytest.fixture(scope="module")
