@@ -121,6 +121,19 @@ def _expected_layout_error(what: str, problem: str, layout: str) -> DataError:
     return DataError(f"{what}: {problem}. Expected layout:\n{layout}")
 
 
+def layout_error(what: str, problem: str, layout: str) -> DataError:
+    """One line: the dataset root, what is wrong there (naming the path) and the layout expected."""
+    return DataError(f"{what}: {problem}; expected {layout}.")
+
+
+def find_dataset_folder(root: Path, marker: str, children: Sequence[str]) -> Path | None:
+    """``root`` if it holds the folder ``marker``, else the first ``root/<child>`` that does."""
+    for base in (root, *(root / child for child in children)):
+        if (base / marker).is_dir():
+            return base
+    return None
+
+
 def _list_by_stem(directory: Path, suffixes: Sequence[str], strip: str = "") -> dict[str, Path]:
     """Files of a folder tree keyed by stem (minus ``strip``); duplicate stems are an error."""
     files: dict[str, Path] = {}
@@ -328,10 +341,9 @@ class ADE20K(_PairedFilesDataset):
         """The ADEChallengeData2016 folder: ``root`` itself or its child of that name."""
         if not root.exists():
             raise _expected_layout_error(f"ADE20K root {root}", "the path does not exist", ADE20K_LAYOUT)
-        if (root / "images").is_dir():
-            return root
-        if (root / cls.FOLDER / "images").is_dir():
-            return root / cls.FOLDER
+        found = find_dataset_folder(root, "images", (cls.FOLDER,))
+        if found is not None:
+            return found
         raise _expected_layout_error(
             f"ADE20K root {root}",
             f"neither {root / 'images'} nor {root / cls.FOLDER / 'images'} exists",

@@ -2,7 +2,9 @@
 
 The ADE20K names and palette are the ones every SegFormer checkpoint and MMSegmentation config
 uses (150 classes after dropping 0 = "other"); the Cityscapes ones follow the official
-cityscapesScripts ``labels.py`` for the 19 training classes.
+cityscapesScripts ``labels.py`` for the 19 training classes. COCO-Stuff 164k, Pascal VOC and
+Mapillary Vistas v1.2 take MMSegmentation's class lists and palettes (``COCOStuffDataset``,
+``PascalVOCDataset``, ``MapillaryDataset_v1``), so checkpoints and predictions line up with it.
 """
 
 from __future__ import annotations
@@ -75,17 +77,119 @@ CITYSCAPES_TRAIN_TO_LABEL_ID: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 2
 CITYSCAPES_NUM_LABEL_IDS = 34
 
 
+def voc_colour(index: int) -> list[int]:
+    """The PASCAL VOC colour map: the bits of ``index`` interleaved over r, g, b from the top bit."""
+    r = g = b = 0
+    for shift in range(7, -1, -1):
+        r |= ((index >> 0) & 1) << shift
+        g |= ((index >> 1) & 1) << shift
+        b |= ((index >> 2) & 1) << shift
+        index >>= 3
+    return [r, g, b]
+
+
 def generated_palette(num_classes: int) -> list[list[int]]:
     """Distinct, deterministic colours for datasets that ship without a palette."""
-    colours = []
-    for k in range(num_classes):
-        # Bit-reversed channel interleaving (the PASCAL VOC colour map) keeps neighbours apart.
-        r = g = b = 0
-        c = k + 1
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        colours.append([r, g, b])
-    return colours
+    # The VOC colour map keeps neighbours apart; it starts at 1 so that no class is black.
+    return [voc_colour(k + 1) for k in range(num_classes)]
+
+
+COCO_STUFF_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
+    "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other",
+    "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel",
+    "ground-other", "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss",
+    "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other", "plastic",
+    "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
+    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs",
+    "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone",
+    "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+)
+
+COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 192, 64), (0, 192, 64), (0, 64, 96), (128, 192, 192), (0, 64, 64), (0, 192, 224),
+    (0, 192, 192), (128, 192, 64), (0, 192, 96), (128, 192, 64), (128, 32, 192), (0, 0, 224),
+    (0, 0, 64), (0, 160, 192), (128, 0, 96), (128, 0, 192), (0, 32, 192), (128, 128, 224),
+    (0, 0, 192), (128, 160, 192), (128, 128, 0), (128, 0, 32), (128, 32, 0), (128, 0, 128),
+    (64, 128, 32), (0, 160, 0), (0, 0, 0), (192, 128, 160), (0, 32, 0), (0, 128, 128),
+    (64, 128, 160), (128, 160, 0), (0, 128, 0), (192, 128, 32), (128, 96, 128), (0, 0, 128),
+    (64, 0, 32), (0, 224, 128), (128, 0, 0), (192, 0, 160), (0, 96, 128), (128, 128, 128),
+    (64, 0, 160), (128, 224, 128), (128, 128, 64), (192, 0, 32), (128, 96, 0), (128, 0, 192),
+    (0, 128, 32), (64, 224, 0), (0, 0, 64), (128, 128, 160), (64, 96, 0), (0, 128, 192),
+    (0, 128, 160), (192, 224, 0), (0, 128, 64), (128, 128, 32), (192, 32, 128), (0, 64, 192),
+    (0, 0, 32), (64, 160, 128), (128, 64, 64), (128, 0, 160), (64, 32, 128), (128, 192, 192),
+    (0, 0, 160), (192, 160, 128), (128, 192, 0), (128, 0, 96), (192, 32, 0), (128, 64, 128),
+    (64, 128, 96), (64, 160, 0), (0, 64, 0), (192, 128, 224), (64, 32, 0), (0, 192, 128),
+    (64, 128, 224), (192, 160, 0), (0, 192, 0), (192, 128, 96), (192, 96, 128), (0, 64, 128),
+    (64, 0, 96), (64, 224, 128), (128, 64, 0), (192, 0, 224), (64, 96, 128), (128, 192, 128),
+    (64, 0, 224), (192, 224, 128), (128, 192, 64), (192, 0, 96), (192, 96, 0), (128, 64, 192),
+    (0, 128, 96), (0, 224, 0), (64, 64, 64), (128, 128, 224), (0, 96, 0), (64, 192, 192),
+    (0, 128, 224), (128, 224, 0), (64, 192, 64), (128, 128, 96), (128, 32, 128), (64, 0, 192),
+    (0, 64, 96), (0, 160, 128), (192, 0, 64), (128, 64, 224), (0, 32, 128), (192, 128, 192),
+    (0, 64, 224), (128, 160, 128), (192, 128, 0), (128, 64, 32), (128, 32, 64), (192, 0, 128),
+    (64, 192, 32), (0, 160, 64), (64, 0, 0), (192, 192, 160), (0, 32, 64), (64, 128, 128),
+    (64, 192, 160), (128, 160, 64), (64, 128, 0), (192, 192, 32), (128, 96, 192), (64, 0, 128),
+    (64, 64, 32), (0, 224, 192), (192, 0, 0), (192, 64, 160), (0, 96, 192), (192, 128, 128),
+    (64, 64, 160), (128, 224, 192), (192, 128, 64), (192, 64, 32), (128, 96, 64), (192, 0, 192),
+    (0, 192, 32), (64, 224, 64), (64, 0, 64), (128, 192, 160), (64, 96, 64), (64, 128, 192),
+    (0, 192, 160), (192, 224, 64), (64, 128, 64), (128, 192, 32), (192, 32, 192), (64, 64, 192),
+    (0, 64, 32), (64, 160, 192), (192, 64, 64), (128, 64, 160), (64, 32, 192), (192, 192, 192),
+    (0, 64, 160), (192, 160, 192), (192, 192, 0), (128, 64, 96), (192, 32, 64), (192, 64, 128),
+    (64, 192, 96), (64, 160, 64), (64, 64, 0),
+)
+
+# COCO-Stuff 164k stuffthingmaps hold 0-based COCO category ids 0..181 (255 = unlabeled); these
+# 11 ids name no category, and the other 171 ids map in order to the training ids 0..170.
+COCO_STUFF_UNUSED_IDS: tuple[int, ...] = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+
+COCO_STUFF_NUM_RAW_IDS = 182
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# Pascal VOC's own palette: the colours its SegmentationClass PNGs carry for indices 0..20.
+VOC_PALETTE: tuple[tuple[int, int, int], ...] = tuple(tuple(voc_colour(k)) for k in range(len(VOC_CLASSES)))
+
+# Mapillary Vistas v1.2 label ids 0..65 in this order; 65 "Unlabeled" is a class of MMSegmentation's
+# MapillaryDataset_v1 (its mapillary_v1_65 config ignores it instead).
+MAPILLARY_CLASSES: tuple[str, ...] = (
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
+    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road",
+    "Service Lane", "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist",
+    "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain",
+    "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench", "Bike Rack",
+    "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
+    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole",
+    "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat",
+    "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck",
+    "Wheeled Slow", "Car Mount", "Ego Vehicle", "Unlabeled",
+)
+
+MAPILLARY_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (165, 42, 42), (0, 192, 0), (196, 196, 196), (190, 153, 153), (180, 165, 180), (90, 120, 150),
+    (102, 102, 156), (128, 64, 255), (140, 140, 200), (170, 170, 170), (250, 170, 160),
+    (96, 96, 96), (230, 150, 140), (128, 64, 128), (110, 110, 110), (244, 35, 232), (150, 100, 100),
+    (70, 70, 70), (150, 120, 90), (220, 20, 60), (255, 0, 0), (255, 0, 100), (255, 0, 200),
+    (200, 128, 128), (255, 255, 255), (64, 170, 64), (230, 160, 50), (70, 130, 180),
+    (190, 255, 255), (152, 251, 152), (107, 142, 35), (0, 170, 30), (255, 255, 128), (250, 0, 30),
+    (100, 140, 180), (220, 220, 220), (220, 128, 128), (222, 40, 40), (100, 170, 30), (40, 40, 40),
+    (33, 33, 33), (100, 128, 160), (142, 0, 0), (70, 100, 150), (210, 170, 100), (153, 153, 153),
+    (128, 128, 128), (0, 0, 80), (250, 170, 30), (192, 192, 192), (220, 220, 0), (140, 140, 20),
+    (119, 11, 32), (150, 0, 255), (0, 60, 100), (0, 0, 142), (0, 0, 90), (0, 0, 230), (0, 80, 100),
+    (128, 64, 64), (0, 0, 110), (0, 0, 70), (0, 0, 192), (32, 32, 32), (120, 10, 10), (0, 0, 0),
+)
