@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,8 @@ def _read_file(path: Path) -> Checkpoint:
             raw: Any = load_file(str(path))
         else:
             raw = _torch_load(path)
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - truncated or foreign files fail in many ways
         raise CheckpointError(
             f"Could not read checkpoint {str(path)!r}: {type(error).__name__}: {error}. The file may be "
@@ -347,14 +350,46 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _mmcv_metadata_globals() -> list[tuple[Any, str]]:
+    """The only non-torch globals a checkpoint may name, with the names pickles give them: the
+    numpy scalars, arrays and dtypes that mmcv (NVlabs' training code) keeps in ``meta`` beside
+    the weights. Plain data; numpy 1.x pickled its constructors under ``numpy.core``."""
+    import numpy as np
+
+    dtypes = [np.dtype, np.ndarray, *{type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}]
+    allowed = [(cls, f"{cls.__module__}.{cls.__qualname__}") for cls in dtypes]
+    for name in ("scalar", "_reconstruct"):
+        function = getattr(np._core.multiarray, name)
+        allowed += [(function, f"numpy._core.multiarray.{name}"), (function, f"numpy.core.multiarray.{name}")]
+    return allowed
+
+
 def _torch_load(path: Path) -> Any:
+    """``torch.load`` that never runs code from the file: tensors, plain containers and the numpy
+    metadata of mmcv checkpoints load; anything else is refused, naming what the file asks for."""
+    allowed = _mmcv_metadata_globals()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        if "weights_only" not in str(error) and "Unsupported global" not in str(error):
-            raise
-    # mmcv and Lightning checkpoints keep python objects (meta, hyper-parameters) beside the weights.
-    return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - an old (non-zip) torch.save file or a bare pickle
+            names = []
+        unsafe = sorted(set(names) - {name for _, name in allowed})
+        if not unsafe:  # garbage, or a pickle the weights-only reader cannot parse at all
+            raise CheckpointError(
+                f"Could not read checkpoint {str(path)!r}: it is truncated or damaged (an interrupted download "
+                "or save), not a PyTorch/safetensors checkpoint, or a pickle of Python objects whose "
+                "loading could run code from the file (refused)."
+            ) from None
+        raise CheckpointError(
+            f"Refusing to load checkpoint {str(path)!r}: besides tensors and plain containers it holds "
+            f"Python objects ({', '.join(unsafe[:5])}{', ...' if len(unsafe) > 5 else ''}) whose loading "
+            "could run code from the file. Only weights, plain containers and numpy metadata are read. "
+            "If you trust the file, re-save its state dict alone (torch.save(checkpoint['state_dict'], "
+            "'weights.pth'))."
+        ) from None
 
 
 def preview(keys: list[str], limit: int = 6) -> str:

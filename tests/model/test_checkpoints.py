@@ -343,3 +343,69 @@ def test_wrong_shapes_are_named(tmp_path):
     torch.save(state, tmp_path / "bad.bin")
     with pytest.raises(CheckpointError, match=r"wrong shape.*linear_c\.0\.weight \(256, 33\) vs \(256, 32\)"):
         SegFormer.from_pretrained(tmp_path / "bad.bin")
+
+
+def test_kwargs_win_over_what_the_checkpoint_says(tmp_path):
+    hf = hf_segmentation_model("b0")
+    hf.save_pretrained(tmp_path)  # transformers: LayerNorm eps 1e-5, decoder width 256
+    ours = SegFormer.from_pretrained(tmp_path, norm_eps=1e-6, decoder_dim=DECODER_DIMS["b0"])
+    assert ours.norm_eps == 1e-6 and ours.encoder.stages[0].blocks[0].norm1.eps == 1e-6
+    assert SegFormer.from_pretrained(tmp_path).norm_eps == 1e-5
+    # The caller's decoder width is the one built, so these weights (256 wide) do not fit it.
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        SegFormer.from_pretrained(tmp_path, decoder_dim=128)
+
+
+def test_nvlabs_checkpoint_with_mmcv_metadata_loads(tmp_path):
+    """mmcv keeps numpy scalars and arrays in `meta`; they are plain data and load."""
+    import collections
+
+    import numpy as np
+
+    hf = hf_segmentation_model("b0", num_labels=150)
+    state = collections.OrderedDict(nvlabs_state_dict(on_disk_state(hf, tmp_path / "hf"), "backbone."))
+    meta = {
+        "mmcv_version": "1.3.0", "iter": np.int64(160000), "CLASSES": ("wall", "building"),
+        "PALETTE": [[120, 120, 120]], "hook_msgs": {"best_score": np.float64(0.4651)}, "mean": np.zeros(3),
+    }
+    torch.save({"meta": meta, "state_dict": state}, tmp_path / "segformer.b0.512x512.ade.160k.pth")
+    ours = SegFormer.from_pretrained(tmp_path / "segformer.b0.512x512.ade.160k.pth")
+    assert ours.num_classes == 150
+    x = torch.randn(INPUT_SHAPE)
+    nvlabs_eps(hf)
+    assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max() < 1e-4
+
+
+class CreatesAFile:
+    """Unpickling this runs code: it creates ``path``."""
+
+    def __init__(self, path, via_shell: bool) -> None:
+        self.path, self.via_shell = path, via_shell
+
+    def __reduce__(self):
+        import os
+        import pathlib
+
+        if self.via_shell:
+            return os.system, (f"touch {self.path}",)
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def malicious_checkpoint(path, marker, via_shell: bool = False):
+    """A SegFormer state dict plus an object whose unpickling creates ``marker``."""
+    state = {"model." + k: v for k, v in SegFormer("b0", num_classes=2).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": CreatesAFile(marker, via_shell)}, path)
+    return path
+
+
+@pytest.mark.parametrize("name, via_shell", [("model.pth", False), ("last.ckpt", True)])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, name, via_shell):
+    marker = tmp_path / "created"
+    path = malicious_checkpoint(tmp_path / name, marker, via_shell)
+    with pytest.raises(CheckpointError) as error:
+        SegFormer.from_pretrained(path)
+    assert str(path) in str(error.value) and "could run code" in str(error.value)
+    assert not marker.exists()
+    # The file does what it claims when loaded unsafely: the check above can fail.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
