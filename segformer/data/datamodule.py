@@ -24,7 +24,7 @@ from segformer.data.sampler import ResumableSampler
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 from segformer.data.sampler import EvalSampler
 from segformer.errors import ConfigError, DataError
-from segformer.inference.inference import MODES
+from segformer.inference.inference import InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,49 +68,78 @@ class TrainSamples(Dataset):
         return {"pixel_values": out["image"], "labels": out["mask"].long()}
 
 
-class EvalSamples(Dataset):
-    """Raw samples for validation/testing: resized image, mask kept at original resolution."""
+def test_scales(scale: Sequence[int], ratios: Sequence[float]) -> list[tuple[int, int]]:
+    """The (long, short) test scale of each ratio, MultiScaleFlipAug's ``int(side * ratio)``."""
+    long_side, short_side = max(scale), min(scale)
+    return [(int(long_side * r), int(short_side * r)) for r in ratios]
 
-    def __init__(self, dataset: SegmentationDataset, transform: A.Compose) -> None:
-        self.dataset, self.transform = dataset, transform
+
+def eval_transforms(
+    scale: Sequence[int],
+    ratios: Sequence[float] = (1.0,),
+    size_divisor: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> list[A.Compose]:
+    """One test transform per test-time ratio, each resizing the original image to its scale."""
+    return [eval_transform(s, size_divisor, mean=mean, std=std) for s in test_scales(scale, ratios)]
+
+
+def eval_views(image: np.ndarray, transforms: Sequence[A.Compose]) -> list[torch.Tensor]:
+    """The (3, h, w) model input of ``image`` (H, W, 3 uint8) at every test scale."""
+    return [transform(image=image)["image"] for transform in transforms]
+
+
+class EvalSamples(Dataset):
+    """Raw samples for validation/testing: the image resized from the original once per test
+    scale (``transforms``, the first as ``pixel_values``, the others as ``scale_views``), the mask
+    kept at original resolution."""
+
+    def __init__(self, dataset: SegmentationDataset, transforms: Sequence[A.Compose]) -> None:
+        self.dataset, self.transforms = dataset, list(transforms)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.dataset[index]
-        pixel_values = self.transform(image=sample["image"])["image"]
+        pixel_values, *more = eval_views(sample["image"], self.transforms)
         labels = torch.from_numpy(sample["mask"]).long()
-        return {
+        out = {
             "pixel_values": pixel_values,
             "labels": labels,
-            "image_size": torch.tensor(pixel_values.shape[-2:]),
-            "label_size": torch.tensor(labels.shape),
             "name": sample["name"],
         }
+        if more:
+            out["scale_views"] = more
+        return out
+
+
+def pad_images(images: Sequence[torch.Tensor], fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, ..., H, W) padded bottom/right with ``fill`` to the largest image, and each one's (h, w)."""
+    sizes = torch.tensor([list(image.shape[-2:]) for image in images])
+    height, width = sizes.max(0).values.tolist()
+    padded = images[0].new_full((len(images), *images[0].shape[:-2], height, width), fill)
+    for i, image in enumerate(images):
+        padded[i, ..., : image.shape[-2], : image.shape[-1]] = image
+    return padded, sizes
 
 
 def collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack differently-sized eval samples: images zero-padded, labels 255-padded (bottom/right)."""
-    image_sizes = torch.stack([s["image_size"] for s in samples])
-    label_sizes = torch.stack([s["label_size"] for s in samples])
-    height, width = image_sizes.max(0).values.tolist()
-    label_h, label_w = label_sizes.max(0).values.tolist()
-    channels = samples[0]["pixel_values"].shape[0]
-    pixel_values = torch.zeros(len(samples), channels, height, width)
-    labels = torch.full((len(samples), label_h, label_w), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(samples):
-        h, w = s["pixel_values"].shape[-2:]
-        pixel_values[i, :, :h, :w] = s["pixel_values"]
-        lh, lw = s["labels"].shape
-        labels[i, :lh, :lw] = s["labels"]
-    return {
+    pixel_values, image_sizes = pad_images([s["pixel_values"] for s in samples])
+    labels, label_sizes = pad_images([s["labels"] for s in samples], IGNORE_INDEX)
+    batch = {
         "pixel_values": pixel_values,
         "labels": labels,
         "image_sizes": image_sizes,
         "label_sizes": label_sizes,
         "names": [s["name"] for s in samples],
     }
+    if "scale_views" in samples[0]:
+        count = len(samples[0]["scale_views"])
+        batch["scale_views"] = [pad_images([s["scale_views"][k] for s in samples]) for k in range(count)]
+    return batch
 
 
 def plain(value: Any) -> Any:
@@ -196,8 +225,10 @@ class SegDataModule(L.LightningDataModule):
         self.train_transform = train_transform(
             self.crop_size, self.scale, mean=plain(mean), std=plain(std), ignore_index=IGNORE_INDEX, **self.augment
         )
-        self.eval_transform = eval_transform(self.scale, size_divisor, mean=plain(mean), std=plain(std))
         self.inference = self._inference_settings(plain(inference) or {})
+        self.eval_transforms = eval_transforms(
+            self.scale, self.inference["scales"], size_divisor, mean=plain(mean), std=plain(std)
+        )
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self._datasets: dict[str, SegmentationDataset] = {}
         self.skip_bad_samples = bool(skip_bad_samples)
@@ -217,8 +248,10 @@ class SegDataModule(L.LightningDataModule):
         if unknown:
             raise ConfigError(f"Unknown key(s) {unknown} in data.inference; allowed keys are {list(settings)}.")
         settings.update(given)
-        if settings["mode"] not in MODES:
-            raise ConfigError(f"data.inference.mode must be one of {MODES}, got {settings['mode']!r}.")
+        try:
+            InferenceConfig.from_mapping(settings)
+        except ConfigError as error:
+            raise ConfigError(f"data.{error}") from None
         return settings
 
     def dataset(self, split: str) -> SegmentationDataset:
@@ -296,9 +329,9 @@ class SegDataModule(L.LightningDataModule):
             self._sampler_state = state
 
     def val_dataloader(self) -> DataLoader:
-        samples = EvalSamples(self.dataset(self.splits["val"]), self.eval_transform)
+        samples = EvalSamples(self.dataset(self.splits["val"]), self.eval_transforms)
         return self._loader(samples, self.val_batch_size, False, collate_eval)
 
     def test_dataloader(self) -> DataLoader:
-        samples = EvalSamples(self.dataset(self.splits["test"]), self.eval_transform)
+        samples = EvalSamples(self.dataset(self.splits["test"]), self.eval_transforms)
         return self._loader(samples, self.val_batch_size, False, collate_eval)

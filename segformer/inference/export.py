@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from segformer.errors import ConfigError
 from segformer.model.checkpoints import FORMATS, transformers_config
 from segformer.inference.predictor import Predictor
+from segformer.inference.processor import SegFormerImageProcessor
 
 FORMAT_FILES = {
     "hf": ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"),
@@ -33,30 +34,18 @@ FORMAT_FILES = {
 }
 
 
-def preprocessor_config(predictor: Predictor) -> dict[str, Any]:
-    """A SegformerImageProcessor config as close to our test transform as the processor allows.
+def image_processor(predictor: Predictor) -> SegFormerImageProcessor:
+    """The image processor of our test transform, as written to preprocessor_config.json.
 
     shortest_edge + longest_edge is the same keep-ratio rule as our resize to fit (long, short);
     transformers' mean and std apply after rescaling to 0-1, hence the division by 255.
     """
     p = predictor.preprocessing
-    return {
-        "image_processor_type": "SegformerImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": p.scale[1], "longest_edge": p.scale[0]},
-        "resample": 2,  # bilinear
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [m / 255 for m in p.mean],
-        "image_std": [s / 255 for s in p.std],
-        "do_reduce_labels": predictor.reduces_labels,
-    }
+    return SegFormerImageProcessor.from_test_settings(p.scale, p.size_divisor, p.mean, p.std, predictor.reduces_labels)
 
 
 def _write_configs(predictor: Predictor, output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(predictor), indent=2) + "\n")
+    image_processor(predictor).save_pretrained(output)
 
 
 def export_transformers(predictor: Predictor, output: Path) -> None:

@@ -1,17 +1,22 @@
 """Turning a model's 1/4-resolution logits into full-resolution predictions.
 
-Validation, eval.py and predict.py all go through ``predict_batch`` / ``predict_probs`` so the
-three can never disagree. Semantics follow MMSegmentation (and the NVlabs code built on it):
+Validation, eval.py, predict.py and ``SegFormer.predict`` all go through ``predict_batch`` (and
+its engine ``batch_probs``) so they can never disagree. Semantics follow MMSegmentation (and the
+NVlabs code built on it):
 
 - whole: run the model on the image, upsample the logits bilinearly to the image size;
 - slide: run crop-sized windows (the last row / column shifted back to end at the border,
   clipped to the image when it is smaller than the crop), upsample each window's logits to the
   window size, and average overlapping logits;
-- test-time augmentation: for every scale (relative to the given image) and, with ``flip``, its
-  horizontal mirror, resize the logits to the output size, take the softmax, and average.
+- test-time augmentation (MultiScaleFlipAug): the data pipeline resizes the **original** image
+  once per test scale (``segformer.data.datamodule.EvalSamples``); each of these views and, with
+  ``flip``, its horizontal mirror is predicted, its logits resized to the original size, softmax
+  taken, and the passes averaged.
 
-Only one image's accumulators are alive at a time, in float32 on the image's device; nothing is
-kept across images.
+A batch carries the first test scale as ``pixel_values`` / ``image_sizes`` (zero-padded, each
+image's valid size) and every further scale as one (pixel_values, image_sizes) pair in
+``scale_views``. Only one image's accumulators are alive at a time, in float32 on the image's
+device; nothing is kept across images.
 """
 
 from __future__ import annotations
@@ -165,50 +170,60 @@ def forward_logits(model: Model, image: Tensor, config: InferenceConfig) -> Tens
 
 
 @torch.no_grad()
-def predict_probs(model: Model, image: Tensor, out_size: Sequence[int], config: InferenceConfig) -> Tensor:
-    """Class probabilities (K, H, W) of one image (1, 3, h, w) at ``out_size`` = (H, W).
+def predict_probs(
+    model: Model, views: Tensor | Sequence[Tensor], out_size: Sequence[int], config: InferenceConfig
+) -> Tensor:
+    """Class probabilities (K, H, W) of one image at ``out_size`` = (H, W), its original size.
 
-    The softmax of each (scale, flip) pass is taken after resizing its logits to the output size,
-    and the passes are averaged (MMSeg's aug_test); with one scale and no flip this is the softmax
-    of the resized logits, so its argmax is the plain prediction.
+    ``views`` holds the image (1, 3, h_s, w_s) resized from the original once per test scale of
+    ``config.scales`` (one tensor for a single scale). The softmax of each (view, flip) pass is
+    taken after resizing its logits to the output size, and the passes are averaged (MMSeg's
+    aug_test); with one view and no flip this is the softmax of the resized logits, so its argmax
+    is the plain prediction.
     """
-    height, width = image.shape[-2:]
+    views = [views] if isinstance(views, Tensor) else list(views)
+    if len(views) != len(config.scales):
+        raise ConfigError(
+            f"inference.scales lists {len(config.scales)} test scale(s) {list(config.scales)} but the "
+            f"image comes in {len(views)}: build the evaluation samples with the same scales "
+            "(SegDataModule and the predictor do so from their inference settings)."
+        )
     probs: Tensor | None = None
     passes = 0
-    for scale in config.scales:
-        size = (max(int(height * scale + 0.5), 1), max(int(width * scale + 0.5), 1))
-        scaled = _resize(image, size)
+    for view in views:
         for flip in (False, True) if config.flip else (False,):
-            logits = forward_logits(model, scaled.flip(-1) if flip else scaled, config)
+            logits = forward_logits(model, view.flip(-1) if flip else view, config)
             if flip:
                 logits = logits.flip(-1)
             p = _resize(logits, out_size).softmax(dim=1)
             probs = p if probs is None else probs.add_(p)
             passes += 1
-    assert probs is not None  # the config has at least one scale
+    assert probs is not None  # there is at least one view
     return probs.div_(passes)[0]
 
 
-def _batch_probs(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> Iterator[Tensor]:
-    pixel_values = batch["pixel_values"]
-    for i in range(pixel_values.shape[0]):
-        h, w = (int(v) for v in batch["image_sizes"][i])
-        out_size = tuple(int(v) for v in batch["label_sizes"][i])
-        yield predict_probs(model, pixel_values[i : i + 1, :, :h, :w], out_size, config)
+def batch_views(batch: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """(pixel_values, image_sizes) of every test scale of a batch, the first scale first."""
+    return [(batch["pixel_values"], batch["image_sizes"]), *batch.get("scale_views", ())]
 
 
-def predict_batch_probs(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> list[Tensor]:
-    """Per-image probabilities (K, H_i, W_i) at each image's original label size.
+def batch_probs(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> Iterator[Tensor]:
+    """Per-image probabilities (K, H_i, W_i) at each image's original label size, one at a time.
 
-    Each image's valid region (``image_sizes``) is cut out of the zero-padded ``pixel_values``
-    before inference, so padding never changes a prediction.
+    Each image's valid region (``image_sizes``) is cut out of the zero-padded views before
+    inference, so padding never changes a prediction.
     """
-    return list(_batch_probs(model, batch, config))
+    views = batch_views(batch)
+    for i in range(views[0][0].shape[0]):
+        crops = []
+        for pixel_values, image_sizes in views:
+            h, w = (int(v) for v in image_sizes[i])
+            crops.append(pixel_values[i : i + 1, :, :h, :w])
+        out_size = tuple(int(v) for v in batch["label_sizes"][i])
+        yield predict_probs(model, crops, out_size, config)
 
 
 def predict_batch(model: Model, batch: Mapping[str, Any], config: InferenceConfig) -> list[Tensor]:
-    """Per-image label maps (H_i, W_i), long, at each image's original label size.
-
-    Same as ``predict_batch_probs`` followed by argmax, holding one image's probabilities at a time.
-    """
-    return [probs.argmax(dim=0) for probs in _batch_probs(model, batch, config)]
+    """Per-image label maps (H_i, W_i), long, at each image's original label size: the argmax of
+    ``batch_probs``, holding one image's probabilities at a time."""
+    return [probs.argmax(dim=0) for probs in batch_probs(model, batch, config)]

@@ -24,15 +24,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageOps
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from segformer.data.datamodule import plain
+from segformer.data.datamodule import eval_transforms, eval_views, pad_images, plain
 from segformer.data.datasets import IMAGE_SUFFIXES, SegmentationDataset
 from segformer.data.labels import generated_palette
-from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segformer.errors import CheckpointError, ConfigError, DataError
 from segformer.inference import InferenceConfig, predict_batch
+from segformer.inference.processor import to_rgb_array
 from segformer.inference.pictures import colorize, make_palette, overlay
 from segformer.inference.writers import save_label_png
 from segformer.model.segformer import MIN_INPUT_SIZE, SegFormer
@@ -76,8 +78,9 @@ class Preprocessing:
             raise ConfigError(f"scale must be [long, short], two positive integers, got {scale!r}.")
         return Preprocessing((max(values), min(values)), self.size_divisor, tuple(self.mean), tuple(self.std))
 
-    def transform(self) -> A.Compose:
-        return eval_transform(self.scale, self.size_divisor, mean=self.mean, std=self.std)
+    def transforms(self, ratios: Sequence[float] = (1.0,)) -> list[A.Compose]:
+        """The evaluation transform of every test-time ratio (``inference.scales``)."""
+        return eval_transforms(self.scale, ratios, self.size_divisor, mean=self.mean, std=self.std)
 
 
 @dataclass
@@ -129,13 +132,6 @@ class Predictor:
             f"SegFormer-{self.model.variant.upper()}, {self.model.num_classes} classes, on {self.device}; "
             f"resize to fit {list(p.scale)}{divisor}, {mode} inference{extras} (settings from {self.settings_from})"
         )
-
-    @torch.no_grad()
-    def predict(self, batch: Mapping[str, Any]) -> list[np.ndarray]:
-        """Training-id maps at the original image sizes for a ``collate_images`` batch."""
-        inputs = {**batch, "pixel_values": batch["pixel_values"].to(self.device)}
-        return [pred.cpu().numpy() for pred in predict_batch(self.model, inputs, self.inference)]
-
 
 def load_predictor(
     ckpt_path: str | os.PathLike,
@@ -286,45 +282,45 @@ def read_photo(path: Path) -> np.ndarray:
 
 
 class ImageFiles(Dataset):
-    """Images read and resized in DataLoader workers; an unreadable file becomes an ``error`` item
-    instead of stopping the loader."""
+    """Images read (from a path) or converted (PIL, numpy, tensor) and resized in DataLoader
+    workers, once per test scale (``transforms``) as evaluation does; an unreadable or too small
+    image becomes an ``error`` item instead of stopping the loader."""
 
-    def __init__(self, paths: Sequence[Path], transform: A.Compose, smallest_scale: float = 1.0) -> None:
-        self.paths, self.transform, self.smallest_scale = list(paths), transform, smallest_scale
+    def __init__(self, images: Sequence[Any], transforms: Sequence[A.Compose]) -> None:
+        self.images, self.transforms = list(images), list(transforms)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
+        item = self.images[index]
+        path = Path(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
         try:
-            image = read_photo(path)
+            image = read_photo(path) if isinstance(path, Path) else to_rgb_array(item)
         except DataError as error:
             return {"path": path, "error": str(error)}
-        pixel_values = self.transform(image=image)["image"]
-        smallest = min(int(side * self.smallest_scale + 0.5) for side in pixel_values.shape[-2:])
+        views = eval_views(image, self.transforms)
+        smallest = min(min(view.shape[-2:]) for view in views)
         if smallest < MIN_INPUT_SIZE:
             return {
                 "path": path,
                 "error": f"{path} is {image.shape[0]}x{image.shape[1]}; resized for the model its shorter "
                 f"side is {smallest} px, below the {MIN_INPUT_SIZE} px SegFormer needs",
             }
-        return {"path": path, "image": image, "pixel_values": pixel_values}
+        return {"path": path, "image": image, "views": views}
 
 
 def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch in the eval layout (zero-padded ``pixel_values``, ``image_sizes``, ``label_sizes`` =
-    original sizes) plus the original ``images`` and ``paths``, and the ``failed`` (path, reason)."""
+    """A batch in the eval layout (zero-padded ``pixel_values``, ``image_sizes``, ``scale_views``,
+    ``label_sizes`` = original sizes) plus the original ``images`` and ``paths``, and the ``failed``
+    (path, reason)."""
     good = [s for s in samples if "error" not in s]
     batch: dict[str, Any] = {"failed": [(s["path"], s["error"]) for s in samples if "error" in s], "paths": []}
     if not good:
         return batch
-    image_sizes = torch.tensor([list(s["pixel_values"].shape[-2:]) for s in good])
-    height, width = image_sizes.max(0).values.tolist()
-    pixel_values = torch.zeros(len(good), 3, height, width)
-    for i, s in enumerate(good):
-        h, w = s["pixel_values"].shape[-2:]
-        pixel_values[i, :, :h, :w] = s["pixel_values"]
+    (pixel_values, image_sizes), *scale_views = [
+        pad_images([s["views"][k] for s in good]) for k in range(len(good[0]["views"]))
+    ]
     batch.update(
         pixel_values=pixel_values,
         image_sizes=image_sizes,
@@ -332,7 +328,35 @@ def collate_images(samples: list[dict[str, Any]]) -> dict[str, Any]:
         images=[s["image"] for s in good],
         paths=[s["path"] for s in good],
     )
+    if scale_views:
+        batch["scale_views"] = scale_views
     return batch
+
+
+def segment(
+    model: SegFormer,
+    images: Sequence[Any],
+    preprocessing: Preprocessing,
+    inference: InferenceConfig,
+    batch_size: int = 4,
+    num_workers: int = 0,
+) -> Iterator[tuple[dict[str, Any], list[Tensor]]]:
+    """Each ``collate_images`` batch of ``images`` (paths or in-memory images) with its class maps
+    (training ids, on the model's device) at the original sizes: ``SegFormer.predict`` and
+    predict.py both run this."""
+    device = next(model.parameters()).device
+    files = ImageFiles(images, preprocessing.transforms(inference.scales))
+    loader = DataLoader(
+        files, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images, pin_memory=device.type == "cuda"
+    )
+    for batch in loader:
+        if not batch["paths"]:
+            yield batch, []
+            continue
+        views = {key: batch[key] for key in ("image_sizes", "label_sizes")}
+        views["pixel_values"] = batch["pixel_values"].to(device)
+        views["scale_views"] = [(pixels.to(device), sizes) for pixels, sizes in batch.get("scale_views", ())]
+        yield batch, predict_batch(model, views, inference)
 
 
 def write_outputs(
@@ -371,25 +395,14 @@ def predict_images(
         (output / kind).mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     with tqdm(total=len(images), unit="image", disable=not progress) as bar:
-        for batch in _batches(predictor, images, batch_size, num_workers):
+        batches = segment(predictor.model, images, predictor.preprocessing, predictor.inference, batch_size, num_workers)
+        for batch, preds in batches:
             for path, reason in batch["failed"]:
                 tqdm.write(f"skipped {reason}", file=sys.stderr)
                 failed.append((path, reason))
-            if batch["paths"]:
-                for path, image, pred in zip(batch["paths"], batch["images"], predictor.predict(batch), strict=True):
-                    write_outputs(predictor, output, path, image, pred, overlay_alpha)
+            for path, image, pred in zip(batch["paths"], batch["images"], preds, strict=True):
+                write_outputs(predictor, output, path, image, pred.cpu().numpy(), overlay_alpha)
             bar.update(len(batch["paths"]) + len(batch["failed"]))
     return failed
 
 
-def _batches(
-    predictor: Predictor, images: Sequence[Path], batch_size: int, num_workers: int
-) -> Iterator[dict[str, Any]]:
-    files = ImageFiles(images, predictor.preprocessing.transform(), min(predictor.inference.scales))
-    yield from DataLoader(
-        files,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_images,
-        pin_memory=predictor.device.type == "cuda",
-    )

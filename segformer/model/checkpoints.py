@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from segformer.errors import CheckpointError
+from segformer.model import presets
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.head import DECODER_DIMS
 
@@ -239,16 +240,26 @@ def _name(native_key: str, fmt: str) -> str:
 
 
 def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Read weights and metadata from a path or a Hugging Face hub id."""
+    """Read weights and metadata from a path, a Hugging Face hub id or a preset name
+    (``segformer_b2_ade20k_512``: the hub id in segformer/model/presets.py)."""
     path = Path(source).expanduser()
     if not path.exists():
-        if _looks_like_hub_id(str(source)):
-            path = _download_from_hub(str(source))
+        hub_id = presets.resolve_source(str(source))
+        if _looks_like_hub_id(hub_id):
+            try:
+                path = _download_from_hub(hub_id)
+            except CheckpointError as error:
+                if hub_id == str(source):
+                    raise
+                raise CheckpointError(f"Preset {str(source)!r} is the hub model {hub_id}. {error}") from None
         else:
+            matches = presets.close_matches(str(source))
+            hint = f" Close preset names: {', '.join(matches)}." if matches else ""
             raise CheckpointError(
                 f"Checkpoint {str(source)!r} does not exist: give a transformers folder, an NVlabs .pth, "
-                "one of our .ckpt files, or a Hugging Face hub id such as "
-                "nvidia/segformer-b0-finetuned-ade-512-512."
+                "one of our .ckpt files, a Hugging Face hub id such as "
+                "nvidia/segformer-b0-finetuned-ade-512-512, or a preset name (python -m segformer.presets "
+                f"lists them).{hint}"
             )
     if path.is_dir():
         return _read_transformers_dir(path, origin=str(source))

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary
 from omegaconf import OmegaConf
 
 from segformer import SegFormer, cli
+from segformer.model.presets import PRESETS
 from segformer.training.dashboards import StepProgressBar, TrainingSpeed, ValidationDashboard
 from segformer.errors import DataError
 
@@ -50,7 +51,8 @@ def test_paper_experiments(compose, name):
     cfg = compose("train", f"experiment={name}")
     dataset, variant = name.split("_")[:2]
     assert cfg.model.variant == variant
-    assert cfg.model.pretrained == f"nvidia/mit-{variant}"
+    assert cfg.model.pretrained == f"mit_{variant}_imagenet"
+    assert PRESETS[cfg.model.pretrained].hub_id == f"nvidia/mit-{variant}"
     assert cfg.trainer.max_steps == 160_000 and cfg.trainer.sync_batchnorm
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.head_lr_mult) == (6e-5, 0.01, 10.0)
     assert (cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power) == (1500, 1e-6, 1.0)

@@ -112,7 +112,7 @@ def test_transformers_pipeline_gives_the_masks_of_our_predict(run, tmp_path):
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
     tall = Image.open(_noise_image(tmp_path / "tall.png", 150, 90))
     assert tuple(processor(tall, return_tensors="pt")["pixel_values"].shape) == (1, 3, 128, 77)
-    ours_tall = predictor.preprocessing.transform()(image=np.asarray(tall))["image"]
+    ours_tall = predictor.preprocessing.transforms()[0](image=np.asarray(tall))["image"]
     assert tuple(ours_tall.shape) == (3, 128, 77)
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from segformer.data.datamodule import EvalSamples, collate_eval, eval_transforms
 from segformer.errors import ConfigError
 from segformer.inference import (
     InferenceConfig,
+    batch_probs,
     predict_batch,
-    predict_batch_probs,
     predict_probs,
     slide_logits,
     slide_windows,
@@ -162,61 +165,81 @@ def test_flip_on_a_flip_equivariant_model_changes_nothing() -> None:
     torch.testing.assert_close(flipped, plain, rtol=0, atol=1e-6)
 
 
-def test_multi_scale_flip_averages_softmax_at_the_output_size() -> None:
-    model, x = stride4_model(), image(20, 30)
+def test_multi_scale_flip_averages_softmax_of_every_view_at_the_output_size() -> None:
+    model = stride4_model()
     out = (20, 30)
+    views = [image(10, 15, seed=1), image(20, 30, seed=2), image(30, 45, seed=3)]
     expected = torch.zeros(1, K, *out)
-    for size in [(10, 15), (20, 30), (30, 45)]:
-        scaled = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    for view in views:
         for flip in (False, True):
-            inp = scaled.flip(-1) if flip else scaled
-            logits = upsampled(model, inp, size)
+            inp = view.flip(-1) if flip else view
+            logits = upsampled(model, inp, inp.shape[-2:])
             logits = logits.flip(-1) if flip else logits
             expected += F.interpolate(logits, size=out, mode="bilinear", align_corners=False).softmax(dim=1)
     expected /= 6
-    probs = predict_probs(model, x, out, InferenceConfig(scales=[0.5, 1.0, 1.5], flip=True))
+    probs = predict_probs(model, views, out, InferenceConfig(scales=[0.5, 1.0, 1.5], flip=True))
     torch.testing.assert_close(probs, expected[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(probs.sum(dim=0), torch.ones(out), rtol=0, atol=1e-5)
 
 
+def test_views_must_match_the_configured_scales() -> None:
+    with pytest.raises(ConfigError, match=r"inference.scales lists 2 test scale\(s\) \[0.5, 1.0\] but the image comes in 1"):
+        predict_probs(stride4_model(), image(32, 32), (32, 32), InferenceConfig(scales=[0.5, 1.0]))
+
+
 def test_multi_scale_runs_slide_at_every_scale() -> None:
     model, x = stride4_model(), image(40, 40)
+    half = image(20, 20, seed=5)
     config = InferenceConfig(mode="slide", crop_size=[16, 16], stride=[12, 12], scales=[0.5, 1.0])
     with torch.no_grad():
-        half = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
         expected = sum(
             upsampled(lambda t: slide_logits(model, t, (16, 16), (12, 12)), inp, (40, 40)).softmax(dim=1)
             for inp in (half, x)
         ) / 2
-    torch.testing.assert_close(predict_probs(model, x, (40, 40), config), expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict_probs(model, [half, x], (40, 40), config), expected[0], rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- batches
 
 
+def _padded(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images padded with a non-zero value (it must never be seen) and their sizes."""
+    height, width = max(img.shape[2] for img in images), max(img.shape[3] for img in images)
+    pixel_values = torch.full((len(images), 3, height, width), 7.0)
+    for i, img in enumerate(images):
+        pixel_values[i, :, : img.shape[2], : img.shape[3]] = img[0]
+    return pixel_values, torch.tensor([img.shape[2:] for img in images])
+
+
 @pytest.mark.parametrize(
     "config",
-    [InferenceConfig(), InferenceConfig(mode="slide", crop_size=16, stride=12, window_batch=2, flip=True)],
+    [
+        InferenceConfig(),
+        InferenceConfig(mode="slide", crop_size=16, stride=12, window_batch=2, flip=True),
+        InferenceConfig(scales=[1.0, 0.75], flip=True),
+    ],
 )
 def test_padded_batch_gives_the_predictions_of_single_images(config: InferenceConfig) -> None:
     model = stride4_model()
     images = [image(20, 28, seed=1), image(32, 24, seed=2), image(17, 33, seed=3)]
+    smaller = [image(15, 21, seed=4), image(24, 18, seed=5), image(13, 25, seed=6)]
     label_sizes = [(40, 56), (32, 24), (34, 66)]
-    pixel_values = torch.full((3, 3, 32, 33), 7.0)  # non-zero padding: it must never be seen
-    for i, img in enumerate(images):
-        pixel_values[i, :, : img.shape[2], : img.shape[3]] = img[0]
+    pixel_values, image_sizes = _padded(images)
     batch = {
         "pixel_values": pixel_values,
         "labels": torch.full((3, 40, 66), 255),
-        "image_sizes": torch.tensor([img.shape[2:] for img in images]),
+        "image_sizes": image_sizes,
         "label_sizes": torch.tensor(label_sizes),
         "names": ["a", "b", "c"],
     }
+    if len(config.scales) > 1:
+        batch["scale_views"] = [_padded(smaller)]
 
     preds = predict_batch(model, batch, config)
-    probs = predict_batch_probs(model, batch, config)
-    for img, size, pred, prob in zip(images, label_sizes, preds, probs):
-        single = predict_probs(model, img, size, config)
+    probs = list(batch_probs(model, batch, config))
+    for i, (size, pred, prob) in enumerate(zip(label_sizes, preds, probs)):
+        views = [images[i], smaller[i]][: len(config.scales)]
+        single = predict_probs(model, views, size, config)
         assert pred.shape == size and pred.dtype == torch.long
         assert prob.shape == (K, *size)
         torch.testing.assert_close(prob, single, rtol=0, atol=1e-6)
@@ -272,3 +295,69 @@ def test_real_segformer_b0_through_slide_and_whole() -> None:
     probs = predict_probs(model, x, (90, 140), config)
     assert probs.shape == (3, 90, 140)
     torch.testing.assert_close(probs.sum(dim=0), torch.ones(90, 140), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- from the original image
+
+
+def _mmseg_multi_scale_flip(model: nn.Module, img: np.ndarray, img_scale: tuple[int, int], ratios, flip: bool):
+    """mmseg 0.13 MultiScaleFlipAug + Resize(keep_ratio) + Normalize + whole inference + aug_test,
+    written out: each ratio rescales the ORIGINAL image (mmcv.imrescale, +0.5 rounding, cv2 bilinear)."""
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    h, w = img.shape[:2]
+    total = 0
+    passes = 0
+    for ratio in ratios:
+        scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+        factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+        resized = cv2.resize(img, (int(w * factor + 0.5), int(h * factor + 0.5)), interpolation=cv2.INTER_LINEAR)
+        normalised = ((resized.astype(np.float32) - mean) / std).astype(np.float32)
+        tensor = torch.from_numpy(normalised.transpose(2, 0, 1).copy())[None]
+        for flipped in (False, True) if flip else (False,):
+            inp = tensor.flip(-1) if flipped else tensor
+            with torch.no_grad():
+                logits = F.interpolate(model(inp), size=inp.shape[-2:], mode="bilinear", align_corners=False)
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            probs = logits.softmax(dim=1)
+            total = total + (probs.flip(-1) if flipped else probs)
+            passes += 1
+    return (total / passes)[0]
+
+
+def test_multi_scale_flip_resizes_the_original_image_as_mmseg() -> None:
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 90)[None, :, None]
+    images = [np.clip(ramp + rng.normal(0, 60, (h, 90, 3)), 0, 255).astype(np.uint8) for h in (61, 47)]
+    dataset = [{"image": img, "mask": np.zeros(img.shape[:2], np.uint8), "name": str(i)} for i, img in enumerate(images)]
+    ratios, scale = [0.5, 0.75, 1.25], (128, 96)
+    config = InferenceConfig(scales=ratios, flip=True)
+    samples = EvalSamples(dataset, eval_transforms(scale, ratios))
+    batch = collate_eval([samples[0], samples[1]])
+    assert len(batch["scale_views"]) == 2
+    model = stride4_model()
+    for img, probs in zip(images, batch_probs(model, batch, config)):
+        expected = _mmseg_multi_scale_flip(model, img, scale, ratios, flip=True)
+        torch.testing.assert_close(probs, expected, rtol=0, atol=1e-5)
+    # Rescaling the ratio-1 tensor instead (the old way) is measurably different.
+    ones = EvalSamples(dataset, eval_transforms(scale))[0]["pixel_values"][None]
+    rescaled = [F.interpolate(ones, scale_factor=r, mode="bilinear", align_corners=False) for r in ratios]
+    old = predict_probs(model, rescaled, images[0].shape[:2], config)
+    assert (old - _mmseg_multi_scale_flip(model, images[0], scale, ratios, flip=True)).abs().max() > 1e-3
+
+
+def test_data_module_builds_one_view_per_test_scale(tmp_path) -> None:
+    from segformer.data import SampleScenes, SegDataModule
+
+    module = SegDataModule(
+        dataset=lambda root, split: SampleScenes(root, split, num_train=2, num_val=2),
+        root=str(tmp_path), num_classes=7, num_workers=0, scale=[96, 80],
+        inference={"scales": [0.5, 1.0, 1.5], "flip": True},
+    )
+    batch = next(iter(module.val_dataloader()))
+    sizes = [batch["image_sizes"][0].tolist()] + [s[0].tolist() for _, s in batch["scale_views"]]
+    h, w = batch["label_sizes"][0].tolist()
+    for (long_side, short_side), (vh, vw) in zip([(48, 40), (96, 80), (144, 120)], sizes):
+        factor = min(long_side / max(h, w), short_side / min(h, w))
+        assert (vh, vw) == (int(h * factor + 0.5), int(w * factor + 0.5))
+    with pytest.raises(ConfigError, match="data.inference.scales"):
+        SegDataModule(dataset=SampleScenes, root=str(tmp_path), num_classes=7, inference={"scales": [0.5, -1]})
