@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> float | None:
         model,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler),
+        loss=hydra.utils.instantiate(cfg.loss),
         inference=datamodule.inference,
         ignore_index=datamodule.ignore_index,
         compile=cfg.compile,

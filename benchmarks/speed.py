@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from segformer import SegFormer
-from segformer.training.module import segmentation_loss
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
+from segformer.training.losses import upsampled_cross_entropy
 
 
 def transformers_model(variant: str, num_labels: int, directory: Path):
@@ -79,7 +79,7 @@ def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device:
                 with torch.inference_mode():
                     return logits_of(model, x)
             # The same loss code for both: cross-entropy on logits upsampled to the labels.
-            loss = segmentation_loss(logits_of(model, x), labels)
+            loss = upsampled_cross_entropy(logits_of(model, x), labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss

@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -21,27 +20,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from segformer.data.sampler import derived_seed, run_seed
 from segformer.errors import ConfigError
 from segformer.training.guards import NonFiniteLossGuard
+from segformer.training.losses import CrossEntropyLoss, Loss, loss_terms
 from segformer.inference import InferenceConfig, predict_batch
 from segformer.inference.metrics import SegmentationMetrics
 from segformer.model import SegFormer
 
 SCORES = ("mIoU", "mAcc", "aAcc")
-
-
-def segmentation_loss(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
-    """Cross-entropy of logits upsampled (bilinear) to the label size, averaged over labelled pixels.
-
-    A batch without any labelled pixel gives a zero loss that still reaches every parameter
-    (plain ``cross_entropy`` would give NaN, and DDP needs every rank to backpropagate).
-    """
-    # Channels-last: the upsampling vectorises over classes and the softmax reads each pixel's
-    # scores contiguously (a third less time than the NCHW layout for 150 classes, same values).
-    logits = F.interpolate(
-        logits.contiguous(memory_format=torch.channels_last), size=labels.shape[-2:], mode="bilinear", align_corners=False
-    )
-    scores = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]).float()
-    loss = F.cross_entropy(scores, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
-    return loss / (labels != ignore_index).sum().clamp(min=1)
 
 
 class SegFormerModule(L.LightningModule):
@@ -52,6 +36,9 @@ class SegFormerModule(L.LightningModule):
         optimizer: ``optimizer(model) -> Optimizer`` (configs/optimizer); needed for training only.
         scheduler: ``scheduler(optimizer, total_steps) -> LRScheduler``, stepped after every
             optimizer step (configs/scheduler); None keeps the learning rate constant.
+        loss: ``loss(logits, labels) -> scalar`` (configs/loss; ``segformer.training.losses``),
+            given the model's logits and the full-size labels; default the paper's cross-entropy.
+            Its ``setup(num_classes, datamodule)``, if any, runs when training starts.
         inference: how validation and test images are predicted (mode whole|slide, crop_size,
             stride, scales, flip; see ``segformer.inference``): the data module's settings.
         ignore_index: label value without a class, left out of the loss and the metrics.
@@ -68,6 +55,7 @@ class SegFormerModule(L.LightningModule):
         model: SegFormer,
         optimizer: Callable[[torch.nn.Module], Optimizer] | None = None,
         scheduler: Callable[[Optimizer, int], LRScheduler] | None = None,
+        loss: Loss | None = None,
         inference: Mapping[str, Any] | None = None,
         ignore_index: int = 255,
         compile: bool = False,
@@ -77,6 +65,7 @@ class SegFormerModule(L.LightningModule):
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.loss = loss if loss is not None else CrossEntropyLoss(ignore_index=ignore_index)
         self.inference = InferenceConfig.from_mapping(inference)
         self.ignore_index = ignore_index
         self.compile_model = compile
@@ -91,7 +80,7 @@ class SegFormerModule(L.LightningModule):
         self.val_results: dict[str, Tensor] = {}
         self.test_results: dict[str, Tensor] = {}
         # inference is the data module's setting, saved (and logged) with its hyperparameters.
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "inference"])
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler", "loss", "inference"])
         self.hparams.update(model.config)
 
     @property
@@ -108,6 +97,8 @@ class SegFormerModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.step_seed = run_seed()  # seed_everything may have run after __init__
+            if hasattr(self.loss, "setup"):
+                self.loss.setup(self.model.num_classes, self.trainer.datamodule)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         pixel_values, labels = batch["pixel_values"], batch["labels"]
@@ -118,7 +109,7 @@ class SegFormerModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             torch.manual_seed(seed)
             logits = self.model(pixel_values)
-        loss = segmentation_loss(logits, labels, self.ignore_index)
+        loss, terms = loss_terms(self.loss, logits, labels)
         batch_size = pixel_values.shape[0]
         # Every rank skips together (DDP would wait forever for the gradients of a rank that skipped).
         nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
@@ -133,6 +124,8 @@ class SegFormerModule(L.LightningModule):
             self.skipped_buffers = buffers
             return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from segformer import SegFormer
 from segformer.errors import ConfigError
-from segformer.training.module import SegFormerModule, segmentation_loss
+from segformer.training.module import SegFormerModule
 from segformer.training.optim import build_adamw, build_poly_schedule
 
 NUM_CLASSES = 4
@@ -69,24 +69,6 @@ def _trainer(**kwargs) -> L.Trainer:
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, **kwargs,
     )
-
-
-def test_loss_is_cross_entropy_at_label_size_ignoring_255():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
-    labels = torch.randint(0, 3, (2, 16, 20))
-    labels[0, :4] = 255
-    expected = F.cross_entropy(
-        F.interpolate(logits, size=(16, 20), mode="bilinear", align_corners=False), labels, ignore_index=255
-    )
-    assert segmentation_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
-
-
-def test_loss_of_a_batch_without_labels_is_zero_and_still_backpropagates():
-    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
-    loss = segmentation_loss(logits, torch.full((1, 16, 16), 255))
-    loss.backward()
-    assert loss.item() == 0.0 and logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 def test_validation_scores_the_whole_split_at_label_resolution():
