@@ -49,16 +49,17 @@ def test_default_training_is_b0_on_the_sample_scenes(compose, tmp_path):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_paper_experiments(compose, name):
     cfg = compose("train", f"experiment={name}")
-    dataset, variant = name.split("_")[:2]
+    variant = next(part for part in name.split("_") if part[:1] == "b" and part[1:].isdigit())
+    dataset = name[: name.index(f"_{variant}")]
     assert cfg.model.variant == variant
     assert cfg.model.pretrained == f"mit_{variant}_imagenet"
     assert PRESETS[cfg.model.pretrained].hub_id == f"nvidia/mit-{variant}"
-    assert cfg.trainer.max_steps == 160_000 and cfg.trainer.sync_batchnorm
+    assert cfg.trainer.max_steps == (80_000 if dataset == "coco_stuff" else 160_000) and cfg.trainer.sync_batchnorm
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.head_lr_mult) == (6e-5, 0.01, 10.0)
     assert (cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power) == (1500, 1e-6, 1.0)
     total_batch = cfg.trainer.devices * cfg.data.batch_size
-    if dataset == "ade20k":
-        assert cfg.data.num_classes == 150 and total_batch == 16
+    if dataset in ("ade20k", "coco_stuff"):
+        assert cfg.data.num_classes == (150 if dataset == "ade20k" else 171) and total_batch == 16
         assert cfg.data.inference.mode == "whole"
         assert list(cfg.data.crop_size) == ([640, 640] if name.endswith("640") else [512, 512])
     else:
@@ -67,7 +68,7 @@ def test_paper_experiments(compose, name):
         assert cfg.data.inference.mode == "slide" and list(cfg.data.inference.stride) == [768, 768]
 
 
-@pytest.mark.parametrize("data, variant", [("ade20k", "b2"), ("cityscapes", "b0")])
+@pytest.mark.parametrize("data, variant", [("ade20k", "b2"), ("cityscapes", "b0"), ("coco_stuff", "b5")])
 def test_choosing_data_and_model_gives_the_paper_setting(compose, data, variant):
     by_choice = compose("train", f"model={variant}", f"data={data}")
     by_experiment = compose("train", f"experiment={data}_{variant}")
