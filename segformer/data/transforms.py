@@ -20,7 +20,6 @@ import albumentations as A
 import cv2
 import numpy as np
 from albumentations.augmentations.crops.transforms import BaseCrop
-from albumentations.augmentations.geometric import functional as fgeometric
 from albumentations.core.type_definitions import Targets
 from albumentations.pytorch import ToTensorV2
 
@@ -39,17 +38,42 @@ def rescaled_size(
     keep-ratio resize); ``size_divisor`` then rounds both sides up to a multiple of it, as
     NVlabs' AlignedResize does for testing.
     """
+    return aligned_sizes(height, width, scale, ratio, size_divisor)[1]
+
+
+def aligned_sizes(
+    height: int, width: int, scale: Sequence[int], ratio: float = 1.0, size_divisor: int | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two sizes of NVlabs' AlignedResize: mmcv ``imrescale`` keeping the ratio to fit
+    ``scale * ratio`` (sides rounded with +0.5), then that size rounded up to a multiple of
+    ``size_divisor`` (the same size again without one)."""
     long_edge, short_edge = int(max(scale) * ratio), int(min(scale) * ratio)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    new_h, new_w = max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
-    if size_divisor:
-        new_h = -(-new_h // size_divisor) * size_divisor
-        new_w = -(-new_w // size_divisor) * size_divisor
-    return new_h, new_w
+    rescaled = max(int(height * factor + 0.5), 1), max(int(width * factor + 0.5), 1)
+    if not size_divisor:
+        return rescaled, rescaled
+    return rescaled, (-(-rescaled[0] // size_divisor) * size_divisor, -(-rescaled[1] // size_divisor) * size_divisor)
+
+
+def aligned_resize(
+    image: np.ndarray,
+    scale: Sequence[int],
+    size_divisor: int | None = None,
+    ratio: float = 1.0,
+    interpolation: int = cv2.INTER_LINEAR,
+) -> np.ndarray:
+    """NVlabs' AlignedResize of an (H, W[, C]) array: keep-ratio rescale to ``scale * ratio``,
+    then, with ``size_divisor``, a second resize to the sides rounded up to a multiple of it
+    (two cv2 resizes, as mmcv does: a single resize to the final size gives other values)."""
+    rescaled, aligned = aligned_sizes(image.shape[0], image.shape[1], scale, ratio, size_divisor)
+    for height, width in (rescaled, aligned) if aligned != rescaled else (rescaled,):
+        image = cv2.resize(image, (width, height), interpolation=interpolation)
+    return image
 
 
 class RescaleToScale(A.DualTransform):
-    """Keep-ratio resize to a base scale (long, short), times a ratio drawn from ``ratio_range``.
+    """Keep-ratio resize to a base scale (long, short), times a ratio drawn from ``ratio_range``;
+    with ``size_divisor``, NVlabs' two-step AlignedResize (``aligned_resize``).
 
     Images use bilinear interpolation and masks nearest, as in MMSegmentation.
     """
@@ -68,16 +92,14 @@ class RescaleToScale(A.DualTransform):
         self.ratio_range = tuple(float(r) for r in ratio_range) if ratio_range is not None else None
         self.size_divisor = size_divisor
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        ratio = self.py_random.uniform(*self.ratio_range) if self.ratio_range else 1.0
-        return {"size": rescaled_size(height, width, self.scale, ratio, self.size_divisor)}
+    def get_params(self) -> dict[str, Any]:
+        return {"ratio": self.py_random.uniform(*self.ratio_range) if self.ratio_range else 1.0}
 
-    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return fgeometric.resize(img, size, cv2.INTER_LINEAR)
+    def apply(self, img: np.ndarray, ratio: float, **params: Any) -> np.ndarray:
+        return aligned_resize(img, self.scale, self.size_divisor, ratio, cv2.INTER_LINEAR)
 
-    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return fgeometric.resize(mask, size, cv2.INTER_NEAREST)
+    def apply_to_mask(self, mask: np.ndarray, ratio: float, **params: Any) -> np.ndarray:
+        return aligned_resize(mask, self.scale, self.size_divisor, ratio, cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("scale", "ratio_range", "size_divisor")
@@ -144,14 +166,17 @@ def _affine_lut(alpha: float, beta: float) -> np.ndarray:
 
 
 class PhotoMetricDistortion(A.ImageOnlyTransform):
-    """MMSegmentation's PhotoMetricDistortion on RGB uint8 images.
+    """MMSegmentation's PhotoMetricDistortion on RGB uint8 images, step for step.
 
     Each step runs with probability ``prob``: brightness (add a delta in +-brightness_delta),
     contrast (multiply by a factor in contrast_range), saturation (multiply HSV saturation by a
-    factor in saturation_range), hue (shift HSV hue by an integer in +-hue_delta on OpenCV's
-    0-180 scale, wrapping). Contrast happens before or after the colour steps with equal odds.
-    Every step clips and truncates to uint8 as the original does, which makes each one a
-    256-entry lookup table.
+    factor in saturation_range, in its own RGB-HSV-RGB round trip), hue (shift HSV hue by an
+    integer in [-hue_delta, hue_delta) -- numpy ``randint`` semantics -- on OpenCV's 0-180 scale,
+    wrapping, in a second round trip). Contrast happens before or after the colour steps with
+    equal odds. Every step clips and truncates to uint8 as the original does, which makes each
+    one a 256-entry lookup table. The draws come from the transform's numpy generator in
+    mmseg's order (brightness, mode, [contrast], saturation, hue, [contrast]), so a generator
+    seeded alike gives mmseg's distortion.
     """
 
     def __init__(
@@ -170,13 +195,22 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         self.hue_delta = int(hue_delta)
         self.prob = float(prob)
 
+    def _happens(self) -> bool:
+        # mmseg's ``if random.randint(2)`` when prob is 0.5.
+        rng = self.random_generator
+        return bool(rng.integers(2)) if self.prob == 0.5 else bool(rng.random() < self.prob)
+
     def get_params(self) -> dict[str, Any]:
-        rand = self.py_random
-        brightness = rand.uniform(-self.brightness_delta, self.brightness_delta) if rand.random() < self.prob else None
-        contrast_first = rand.random() < 0.5
-        contrast = rand.uniform(*self.contrast_range) if rand.random() < self.prob else None
-        saturation = rand.uniform(*self.saturation_range) if rand.random() < self.prob else None
-        hue = rand.randint(-self.hue_delta, self.hue_delta) if rand.random() < self.prob else None
+        rng = self.random_generator
+        brightness = rng.uniform(-self.brightness_delta, self.brightness_delta) if self._happens() else None
+        contrast_first = bool(rng.integers(2))
+        contrast = None
+        if contrast_first and self._happens():
+            contrast = rng.uniform(*self.contrast_range)
+        saturation = rng.uniform(*self.saturation_range) if self._happens() else None
+        hue = int(rng.integers(-self.hue_delta, self.hue_delta)) if self._happens() else None
+        if not contrast_first and self._happens():
+            contrast = rng.uniform(*self.contrast_range)
         return {
             "brightness": brightness,
             "contrast": contrast,
@@ -199,13 +233,13 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
             img = cv2.LUT(img, _affine_lut(1.0, brightness))
         if contrast is not None and contrast_first:
             img = cv2.LUT(img, _affine_lut(contrast, 0.0))
-        if saturation is not None or hue is not None:
+        if saturation is not None:
             hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            if saturation is not None:
-                hsv[..., 1] = cv2.LUT(hsv[..., 1], _affine_lut(saturation, 0.0))
-            if hue is not None:
-                shift = ((np.arange(256) + hue) % 180).astype(np.uint8)
-                hsv[..., 0] = cv2.LUT(hsv[..., 0], shift)
+            hsv[..., 1] = cv2.LUT(hsv[..., 1], _affine_lut(saturation, 0.0))
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if hue is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = cv2.LUT(hsv[..., 0], ((np.arange(256) + hue) % 180).astype(np.uint8))
             img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if contrast is not None and not contrast_first:
             img = cv2.LUT(img, _affine_lut(contrast, 0.0))

@@ -1,4 +1,6 @@
-"""The paper's train/test pipelines: rescale sizes, crop and pad values, cat_max_ratio, photometric."""
+"""The paper's train/test pipelines: rescale sizes, crop and pad values, cat_max_ratio, photometric;
+the aligned resize and the photometric distortion against references written the way mmcv/mmseg
+compute them."""
 
 from __future__ import annotations
 
@@ -9,8 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from segformer.data import CatMaxRatioCrop, PhotoMetricDistortion, eval_transform, train_transform
-from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rescaled_size
+from segformer.data import (
+    CatMaxRatioCrop,
+    PhotoMetricDistortion,
+    eval_transform,
+    train_transform,
+)
+from segformer.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RescaleToScale,
+    aligned_resize,
+    aligned_sizes,
+    rescaled_size,
+)
 from segformer.errors import ConfigError
 
 
@@ -156,11 +170,13 @@ def test_photometric_steps_follow_mmsegmentation_arithmetic():
 def test_photometric_parameters_are_drawn_in_the_paper_ranges():
     distortion = seeded(PhotoMetricDistortion(), 0)
     draws = [distortion.get_params() for _ in range(4000)]
-    for key, low, high in (("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5), ("hue", -18, 18)):
+    for key, low, high in (("brightness", -32, 32), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5)):
         values = [d[key] for d in draws if d[key] is not None]
         assert 0.45 < len(values) / len(draws) < 0.55  # each step with p = 0.5
         assert low <= min(values) < low + 0.1 * (high - low) and high - 0.1 * (high - low) < max(values) <= high
-    assert all(isinstance(d["hue"], int) for d in draws if d["hue"] is not None)
+    # Hue: numpy randint(-18, 18), i.e. -18..17.
+    hues = [d["hue"] for d in draws if d["hue"] is not None]
+    assert all(isinstance(h, int) for h in hues) and set(hues) == set(range(-18, 18))
     assert 0.45 < np.mean([d["contrast_first"] for d in draws]) < 0.55
 
 
@@ -190,3 +206,107 @@ def test_pipeline_options_are_checked():
         eval_transform((2048, 0))
     with pytest.raises(ConfigError, match="photometric distortion option"):
         train_transform((512, 512), (2048, 512), photometric={"brightness": 32})
+
+
+class _NumpyRandom:
+    """``numpy.random``'s legacy calls that mmseg makes, drawn from a Generator."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def randint(self, low, high=None):
+        return self.rng.integers(low, high)
+
+    def uniform(self, low, high):
+        return self.rng.uniform(low, high)
+
+
+def _mmseg_photometric(img_bgr: np.ndarray, random, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5),
+                       hue_delta=18) -> np.ndarray:
+    """mmseg 0.13 PhotoMetricDistortion.__call__ (mmcv.bgr2hsv / hsv2bgr are cv2.cvtColor)."""
+
+    def convert(img, alpha=1, beta=0):
+        img = img.astype(np.float32) * alpha + beta
+        img = np.clip(img, 0, 255)
+        return img.astype(np.uint8)
+
+    def contrast_step(img):
+        if random.randint(2):
+            return convert(img, alpha=random.uniform(*contrast))
+        return img
+
+    img = img_bgr
+    if random.randint(2):
+        img = convert(img, beta=random.uniform(-brightness_delta, brightness_delta))
+    mode = random.randint(2)
+    if mode == 1:
+        img = contrast_step(img)
+    if random.randint(2):
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 1] = convert(img[:, :, 1], alpha=random.uniform(*saturation))
+        img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+    if random.randint(2):
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+        img[:, :, 0] = (img[:, :, 0].astype(int) + random.randint(-hue_delta, hue_delta)) % 180
+        img = cv2.cvtColor(img, cv2.COLOR_HSV2BGR)
+    if mode == 0:
+        img = contrast_step(img)
+    return img
+
+
+def test_photometric_distortion_is_mmsegs_on_a_fixed_rng_sequence():
+    image = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    distortion = PhotoMetricDistortion()
+    steps = []
+    for seed in range(40):
+        ours = seeded(distortion, seed)(image=image)["image"]
+        theirs = _mmseg_photometric(image[..., ::-1].copy(), _NumpyRandom(seed))[..., ::-1]
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"seed {seed}")
+        steps.append(seeded(distortion, seed).get_params())
+    # The seeds cover every step, both contrast orders, and saturation together with hue (two round trips).
+    assert {s["contrast_first"] for s in steps if s["contrast"] is not None} == {True, False}
+    assert any(s["saturation"] is not None and s["hue"] is not None for s in steps)
+    assert all(any(s[k] is not None for s in steps) for k in ("brightness", "contrast", "saturation", "hue"))
+
+
+def _mmcv_aligned_resize(img: np.ndarray, scale, size_divisor, interpolation=cv2.INTER_LINEAR) -> np.ndarray:
+    """NVlabs AlignedResize._resize_img: mmcv.imrescale (rescale_size, cv2.resize), then _align."""
+    h, w = img.shape[:2]
+    scale_factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    new_size = int(w * float(scale_factor) + 0.5), int(h * float(scale_factor) + 0.5)
+    img = cv2.resize(img, new_size, interpolation=interpolation)
+    align_h = int(np.ceil(img.shape[0] / size_divisor)) * size_divisor
+    align_w = int(np.ceil(img.shape[1] / size_divisor)) * size_divisor
+    return cv2.resize(img, (align_w, align_h), interpolation=interpolation)
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (512, 683), (300, 1000), (97, 61)])
+def test_aligned_resize_is_nvlabs_two_step_resize(shape):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    mask = rng.integers(0, 5, shape, dtype=np.uint8)
+    expected = _mmcv_aligned_resize(image, (2048, 512), 32)
+    np.testing.assert_array_equal(aligned_resize(image, (2048, 512), 32), expected)
+    np.testing.assert_array_equal(
+        aligned_resize(mask, (2048, 512), 32, interpolation=cv2.INTER_NEAREST),
+        _mmcv_aligned_resize(mask, (2048, 512), 32, cv2.INTER_NEAREST),
+    )
+    rescaled, aligned = aligned_sizes(*shape, (2048, 512), size_divisor=32)
+    assert aligned == expected.shape[:2] and all(a % 32 == 0 and 0 <= a - r < 32 for a, r in zip(aligned, rescaled))
+    # MultiScaleFlipAug's ratio r resizes the original to (int(2048 r), int(512 r)).
+    np.testing.assert_array_equal(
+        aligned_resize(image, (2048, 512), 32, ratio=0.75), _mmcv_aligned_resize(image, (1536, 384), 32)
+    )
+    # The eval pipeline is that resize, then the normalisation.
+    out = eval_transform((2048, 512), size_divisor=32)(image=image)["image"]
+    normalised = (expected.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    torch.testing.assert_close(out, torch.from_numpy(normalised.transpose(2, 0, 1)))
+    applied = RescaleToScale((2048, 512), None, 32)(image=image, mask=mask)
+    np.testing.assert_array_equal(applied["image"], expected)
+    assert applied["mask"].shape == expected.shape[:2]
+
+
+def test_aligned_resize_differs_from_one_resize_to_the_aligned_size():
+    image = np.random.default_rng(2).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    _, (height, width) = aligned_sizes(375, 500, (2048, 512), size_divisor=32)
+    assert not np.array_equal(aligned_resize(image, (2048, 512), 32), cv2.resize(image, (width, height)))
