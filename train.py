@@ -11,10 +11,12 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from segformer import cli
 from segformer.training import resume
+from segformer.training.batch import batch_summary
 from segformer.training.module import SegFormerModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -46,6 +48,8 @@ def train(cfg: DictConfig) -> float | None:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[resume.AtomicCheckpointIO()]
     )
+    devices = (trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
+    rank_zero_info(batch_summary(datamodule.batch_size, *devices))
 
     # Without ckpt_path, a run folder that already holds checkpoints (a re-run with the same
     # hydra.run.dir, a requeued SLURM job) resumes; ckpt_path=last says so explicitly.

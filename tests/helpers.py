@@ -1,9 +1,13 @@
-"""What several test files share: the repository root and the entry scripts as modules."""
+"""What several test files share: the repository root, the entry scripts as modules, tiny data."""
 
 import csv
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
+
+import torch
+from torch.utils.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,20 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSVLogger metrics.csv."""
     with open(path) as handle:
         return list(csv.DictReader(handle))
+
+
+class RandomScenes(Dataset):
+    """Random 32x32 images with 3 classes; the images listed in ``nan`` are all NaN."""
+
+    def __init__(self, size: int = 4, nan: tuple[int, ...] = ()) -> None:
+        self.size, self.nan = size, nan
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        pixels = torch.randn(3, 32, 32, generator=generator)
+        if index in self.nan:
+            pixels.fill_(math.nan)
+        return {"pixel_values": pixels, "labels": torch.randint(0, 3, (32, 32), generator=generator)}

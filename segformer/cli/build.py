@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hydra
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
@@ -15,15 +15,17 @@ from omegaconf import DictConfig, OmegaConf
 def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Callback]:
     """Callbacks from the ``callbacks`` group; an entry set to null is left out.
 
-    LearningRateMonitor raises without a logger, so it is dropped (with a warning) then.
+    LearningRateMonitor and DeviceStatsMonitor raise without a logger, so they are dropped (with a
+    warning) then.
     """
     callbacks: list[Callback] = []
     for name, node in (cfg or {}).items():
         if node is None:
             continue
         callback = hydra.utils.instantiate(node)
-        if isinstance(callback, LearningRateMonitor) and not has_logger:
-            rank_zero_warn(f"callbacks.{name} (LearningRateMonitor) needs a logger; left out because logger=null.")
+        if isinstance(callback, (LearningRateMonitor, DeviceStatsMonitor)) and not has_logger:
+            kind = type(callback).__name__
+            rank_zero_warn(f"callbacks.{name} ({kind}) needs a logger; left out because logger=null.")
             continue
         callbacks.append(callback)
     return callbacks

@@ -9,7 +9,12 @@ the state of any global generator, which a resumed run could not reproduce.
 
 Evaluation: Lightning's ``DistributedSampler`` pads the split with repeated images so that every
 rank gets as many as the others; they would be counted twice in the dataset-level confusion
-matrix. ``EvalSampler`` gives each image to exactly one rank instead.
+matrix. ``EvalSampler`` gives each image to exactly one rank instead. (Lightning's
+``UnrepeatedDistributedSampler`` splits the same way but needs the process group when it is
+built, which eval.py's loader is not, and asserts where we name the problem.)
+
+Both split the data across ranks themselves, so the Trainer must not substitute its own
+sampler: ``use_distributed_sampler: false`` (configs/trainer/default.yaml).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Sampler
 
 from segformer.errors import DataError
 
@@ -41,14 +46,21 @@ def derived_seed(*keys: int) -> int:
     return ((high << 32) | low) & (2**63 - 1)
 
 
-class ResumableSampler(DistributedSampler):
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
     """Shuffled train order per epoch, split across ranks, that can resume at any position.
 
     Yields ``(index, seed)`` pairs: the sample and the seed of its augmentation. The order of
     epoch ``e`` is a permutation drawn from ``(seed, e)``; under DDP it is padded by repetition
     to a multiple of the world size and rank ``r`` takes every ``world``-th entry from ``r``, as
-    ``DistributedSampler`` does (it is one, so Lightning keeps it instead of substituting its own).
-    The rank and world size are read from ``torch.distributed`` when an epoch starts.
+    ``DistributedSampler`` does. The rank and world size are read from ``torch.distributed`` when
+    an epoch starts.
 
     ``state_dict()`` holds the seed, the epoch and ``consumed``: how many of this rank's samples
     of the epoch training has used, which only the training loop knows (loaders read ahead), so
@@ -57,21 +69,19 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Sized, seed: int | None = None, shuffle: bool = True) -> None:
-        # DistributedSampler.__init__ wants a process group now; ranks are read when iterating.
         self.dataset = dataset
         self.seed = run_seed() if seed is None else int(seed)
         self.shuffle = shuffle
-        self.drop_last = False
         self.epoch = 0
         self._start = 0
 
     @property
     def num_replicas(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return _world()[1]
 
     @property
     def rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return _world()[0]
 
     @property
     def num_samples(self) -> int:
@@ -111,7 +121,7 @@ class ResumableSampler(DistributedSampler):
         self._start = int(state["consumed"])
 
 
-class EvalSampler(DistributedSampler):
+class EvalSampler(Sampler[int]):
     """Image i goes to rank ``i % world_size``, in order, without padding; ranks may differ by one.
 
     The rank and world size are read from ``torch.distributed`` each time the sampler is used (a
@@ -120,22 +130,16 @@ class EvalSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
-        # DistributedSampler.__init__ needs a process group now; the split is decided later.
         self.dataset = dataset
         self._num_replicas, self._rank = num_replicas, rank
-        self.shuffle, self.drop_last, self.seed, self.epoch = False, False, 0, 0
 
     @property
     def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return self._num_replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return _world()[1] if self._num_replicas is None else self._num_replicas
 
     @property
     def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return _world()[0] if self._rank is None else self._rank
 
     def _indices(self) -> range:
         size, world = len(self.dataset), self.num_replicas
@@ -152,6 +156,3 @@ class EvalSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self._indices())
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch

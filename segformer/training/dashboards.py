@@ -1,5 +1,6 @@
-"""Dashboard callbacks: what each validation looked like, how fast training runs, and a progress
-bar over the whole run.
+"""Dashboard callbacks: what each validation looked like and a progress bar over the whole run;
+how fast training runs is Lightning's ThroughputMonitor (with ``batch_images``), GPU memory its
+DeviceStatsMonitor (configs/callbacks/dashboard.yaml).
 
 Each logger gets what it can show: W&B images with prediction and ground-truth masks (class
 names on hover), a per-class table and the confusion matrix; TensorBoard the overlays, the
@@ -8,21 +9,17 @@ confusion matrix and a per-class text table; CSV one column per class (val/IoU/<
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segformer.training.batch import batch_summary
 from segformer.inference.pictures import confusion_matrix_image, denormalize, make_palette, overlay, resize_image
 
 
@@ -173,63 +170,19 @@ def _legend(names: Sequence[str], palette: np.ndarray) -> np.ndarray:
     return np.asarray(image)
 
 
-class TrainingSpeed(Callback):
-    """Images per second (all ranks together, data loading included, validation excluded) and, on
-    GPUs, peak memory per device, logged as train/images_per_sec and train/gpu_mem_gb every
-    ``trainer.log_every_n_steps`` optimizer steps; the per-device and global batch size are
-    printed when training starts."""
-
-    def __init__(self) -> None:
-        self._images = 0
-        self._seconds = 0.0
-        self._since: float | None = None
-        self._logged_step = -1
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        per_device = getattr(trainer.datamodule, "batch_size", None)
-        if per_device is not None:
-            rank_zero_info(
-                batch_summary(int(per_device), trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
-            )
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._since is None:
-            self._since = time.perf_counter()
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._since = None  # the clock restarts with the next training batch
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._since is None:
-            return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
-        self._seconds += now - self._since
-        self._since = now
-        self._images += int(batch["pixel_values"].shape[0]) * trainer.world_size
-        step = _logged_step(trainer)
-        # Lightning's own cadence and step numbers, so these values share rows with train/loss.
-        if (step + 1) % max(int(trainer.log_every_n_steps), 1) or step == self._logged_step or self._seconds <= 0:
-            return
-        metrics = {"train/images_per_sec": self._images / self._seconds}
-        if pl_module.device.type == "cuda":
-            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-        self._images, self._seconds, self._logged_step = 0, 0.0, step
+def batch_images(batch: Mapping[str, Tensor]) -> int:
+    """Images in a training or evaluation batch: ThroughputMonitor's ``batch_size_fn``."""
+    return int(batch["pixel_values"].shape[0])
 
 
 class StepProgressBar(RichProgressBar):
     """Rich progress bar whose training bar counts optimizer steps up to ``trainer.max_steps``,
     with elapsed and remaining time for the whole run, instead of restarting every epoch (training
-    here is iteration-based and spans many epochs). Validation and test bars are Rich's own."""
+    here is iteration-based and spans many epochs). Validation and test bars are Rich's own.
+
+    Rich's bar does its work (tasks, metrics, refreshes); this one only sets the training task's
+    total, position and name afterwards, through the public ``progress`` and task id.
+    """
 
     def _by_steps(self) -> bool:
         return self.trainer.max_steps is not None and self.trainer.max_steps > 0
@@ -238,26 +191,25 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps if self._by_steps() else super().total_train_batches
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self._by_steps():
-            return f"{'Training':{len(self.validation_description)}}"
-        return super()._get_train_description(current_epoch)
+    def _show_steps(self, trainer: Trainer) -> None:
+        if not self._by_steps() or self.is_disabled or self.progress is None or self.train_progress_bar_id is None:
+            return
+        name = self.train_description
+        # A resumed run starts where it stopped; the bar does not restart with each epoch.
+        self.progress.update(
+            self.train_progress_bar_id,
+            completed=trainer.global_step,
+            total=trainer.max_steps,
+            description=f"[{self.theme.description}]{name}" if self.theme.description else name,
+        )
+        self.refresh()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._by_steps():
-            return super().on_train_epoch_start(trainer, pl_module)
-        if self.train_progress_bar_id is None:
-            super().on_train_epoch_start(trainer, pl_module)
-            # A resumed run starts where it stopped.
-            self._update(self.train_progress_bar_id, trainer.global_step)
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps(trainer)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._by_steps():
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._show_steps(trainer)

@@ -17,13 +17,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from segformer.data.sampler import derived_seed, run_seed
 from segformer.errors import ConfigError
-from segformer.training.guards import NonFiniteLossGuard
-from segformer.training.losses import CrossEntropyLoss, Loss, loss_terms
 from segformer.inference import InferenceConfig, predict_batch
 from segformer.inference.metrics import SegmentationMetrics
 from segformer.model import SegFormer
+from segformer.training.guards import NonFiniteLossGuard, SeededSteps
+from segformer.training.losses import CrossEntropyLoss, Loss, loss_terms
 
 SCORES = ("mIoU", "mAcc", "aAcc")
 
@@ -46,9 +45,14 @@ class SegFormerModule(L.LightningModule):
         max_consecutive_nonfinite: a step with a NaN/inf loss is skipped (counted as
             ``train/nonfinite_steps``); more than this many in a row stop training with an error.
 
-    Dropout and drop-path draw from a generator seeded by (run seed, rank, batch number) for each
-    training step, so a resumed run draws what the interrupted one would have drawn.
+    The module brings two callbacks of ``segformer.training.guards`` to any Trainer it is fitted
+    with: the non-finite loss guard, and the per-step seeding of dropout and drop-path by (run
+    seed, rank, batch number), so a resumed run draws what the interrupted one would have drawn.
     """
+
+    # Read by Lightning's ThroughputMonitor (configs/callbacks/dashboard.yaml): images per second
+    # are counted, FLOPs are not measured.
+    flops_per_batch: int | None = None
 
     def __init__(
         self,
@@ -70,9 +74,7 @@ class SegFormerModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.compile_model = compile
         self.nonfinite_guard = NonFiniteLossGuard(max_consecutive_nonfinite)
-        # The model's buffers before a step that is skipped, for on_before_optimizer_step.
-        self.skipped_buffers: list[Tensor] | None = None
-        self.step_seed = run_seed()
+        self.seeded_steps = SeededSteps()
         names = [model.id2label[i] for i in range(model.num_classes)]
         self.val_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
         self.test_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
@@ -95,49 +97,22 @@ class SegFormerModule(L.LightningModule):
         return self.model(pixel_values)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.step_seed = run_seed()  # seed_everything may have run after __init__
-            if hasattr(self.loss, "setup"):
-                self.loss.setup(self.model.num_classes, self.trainer.datamodule)
+        if stage == "fit" and hasattr(self.loss, "setup"):
+            self.loss.setup(self.model.num_classes, self.trainer.datamodule)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.nonfinite_guard, self.seeded_steps]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         pixel_values, labels = batch["pixel_values"], batch["labels"]
-        seed = derived_seed(self.step_seed, self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
-        devices = [self.device] if self.device.type == "cuda" else []
-        # BatchNorm statistics that a skipped step must not keep (a NaN forward poisons them).
-        buffers = [buffer.clone() for buffer in self.model.buffers()]
-        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
-            torch.manual_seed(seed)
-            logits = self.model(pixel_values)
+        logits = self.model(pixel_values)
         loss, terms = loss_terms(self.loss, logits, labels)
         batch_size = pixel_values.shape[0]
-        # Every rank skips together (DDP would wait forever for the gradients of a rank that skipped).
-        nonfinite = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        checkpoint = self.trainer.checkpoint_callback
-        last = (checkpoint.last_model_path or None) if checkpoint is not None else None
-        skip = self.nonfinite_guard.check(not nonfinite, self.global_step, last)
-        self.log("train/nonfinite_steps", float(self.nonfinite_guard.total), batch_size=batch_size)
-        if skip:
-            # Lightning refuses a skipped training_step (None) under DDP, so backward still runs
-            # (on every rank alike); on_before_optimizer_step then drops the gradients and puts
-            # the statistics back (autograd still needs them as they are until then).
-            self.skipped_buffers = buffers
-            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
-
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        if self.skipped_buffers is not None:
-            # Parameters without a gradient are left alone by the optimizer: no update at all
-            # (zero gradients would still move AdamW's weights by momentum and weight decay).
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), self.skipped_buffers):
-                    buffer.copy_(saved)
-            self.skipped_buffers = None
 
     def predict_labels(self, batch: Mapping[str, Any]) -> list[Tensor]:
         """Class maps of an eval batch, each at its image's original (label) size."""
@@ -187,10 +162,3 @@ class SegFormerModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What SegFormer.from_pretrained needs to rebuild the network around state_dict["model.*"].
         checkpoint["segformer"] = self.model.config
-        checkpoint["nonfinite_guard"] = self.nonfinite_guard.state_dict()
-        checkpoint["step_seed"] = self.step_seed
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_guard" in checkpoint:
-            self.nonfinite_guard.load_state_dict(checkpoint["nonfinite_guard"])
-        self.step_seed = int(checkpoint.get("step_seed", self.step_seed))

@@ -7,12 +7,18 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary
+from lightning.pytorch.callbacks import (
+    DeviceStatsMonitor,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichModelSummary,
+    ThroughputMonitor,
+)
 from omegaconf import OmegaConf
 
 from segformer import SegFormer, cli
 from segformer.model.presets import PRESETS
-from segformer.training.dashboards import StepProgressBar, TrainingSpeed, ValidationDashboard
+from segformer.training.dashboards import StepProgressBar, ValidationDashboard, batch_images
 from segformer.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,10 +124,15 @@ def test_training_objects_instantiate(compose):
         StepProgressBar,
         RichModelSummary,
         ValidationDashboard,
-        TrainingSpeed,
+        ThroughputMonitor,
     ]
+    assert callbacks[-1].batch_size_fn is batch_images
     assert cli.best_checkpoint(callbacks, "val/mIoU") is callbacks[1]
-    assert len(cli.instantiate_callbacks(cfg.callbacks, has_logger=True)) == 7
+    # With a logger: the learning rates and (on GPUs; nothing on CPU) the device statistics too.
+    with_logger = [type(c) for c in cli.instantiate_callbacks(cfg.callbacks, has_logger=True)]
+    needs_logger = (DeviceStatsMonitor, LearningRateMonitor)
+    assert [t for t in with_logger if t not in needs_logger] == [type(c) for c in callbacks]
+    assert set(needs_logger) <= set(with_logger)
     for choice in ("default", "cpu", "ddp_cpu"):
         trainer = hydra.utils.instantiate(compose("train", f"trainer={choice}").trainer, logger=False)
         assert trainer.max_steps == cfg.trainer.max_steps

@@ -1,17 +1,22 @@
-"""Dashboards: mask colours and overlays, the confusion-matrix picture, and one training run
-logging to W&B (offline), TensorBoard and CSV at once."""
+"""Dashboards: mask colours and overlays, the confusion-matrix picture, the step progress bar,
+and one training run logging to W&B (offline), TensorBoard and CSV at once."""
 
 import csv
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from segformer import cli
+from segformer import SegFormer, cli
 from segformer.data.sample import SCENE_SIZES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segformer.inference.pictures import colorize, confusion_matrix_image, denormalize, make_palette, overlay
-from helpers import ROOT, load_script, tiny_sample_overrides
+from segformer.training.dashboards import StepProgressBar
+from segformer.training.module import SegFormerModule
+from segformer.training.optim import build_adamw
+from helpers import ROOT, RandomScenes, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 CLASSES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
@@ -54,6 +59,45 @@ def test_confusion_matrix_image_shades_row_shares():
     assert named.shape[0] == image.shape[0] and named.shape[1] > image.shape[1]
 
 
+class TrainBarAtStart(L.Callback):
+    """The training bar's (completed, total) when the first batch of the run starts."""
+
+    def __init__(self, bar: StepProgressBar) -> None:
+        self.bar, self.seen = bar, []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if not self.seen:
+            self.seen.append((self.bar.train_progress_bar.completed, self.bar.train_progress_bar.total))
+
+
+def _fit_with_bar(max_steps: int, tmp_path, ckpt_path=None) -> tuple[StepProgressBar, TrainBarAtStart]:
+    torch.manual_seed(0)
+    model = SegFormer("b0", num_classes=3)
+    model.id2label = {0: "a", 1: "b", 2: "c"}
+    bar = StepProgressBar()
+    probe = TrainBarAtStart(bar)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_val_batches=0, callbacks=[bar, probe],
+    )
+    # Two batches per epoch: the bar runs over epochs.
+    data = DataLoader(RandomScenes(size=4), batch_size=2)
+    trainer.fit(SegFormerModule(model, optimizer=build_adamw), data, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    return bar, probe
+
+
+def test_the_training_bar_counts_optimizer_steps_of_the_whole_run(tmp_path):
+    bar, probe = _fit_with_bar(3, tmp_path)
+    assert probe.seen == [(0, 3)]
+    task = bar.train_progress_bar  # Rich's own bar would show 1 of 2 batches of the second epoch
+    assert (task.completed, task.total) == (3, 3) and "Training" in task.description
+    # A resumed run's bar starts where the run stopped.
+    bar, probe = _fit_with_bar(5, tmp_path, ckpt_path=tmp_path / "run.ckpt")
+    assert probe.seen == [(3, 5)]
+    assert (bar.train_progress_bar.completed, bar.train_progress_bar.total) == (5, 5)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
@@ -68,6 +112,7 @@ def run(tmp_path_factory):
         "logger=many",
         "callbacks=[default,dashboard]",
         "callbacks.validation_dashboard.num_images=2",
+        "callbacks.throughput.window_size=2",
         "callbacks.rich_model_summary=null",
     ]
     cfg = cli.compose(CONFIGS, "train", overrides, run_dir=base / "run")
@@ -99,7 +144,7 @@ def test_tensorboard_has_overlays_confusion_matrix_and_table(run):
     panel = events.Images(panels[0])[-1]
     assert panel.width % 3 == 0 and (panel.height, panel.width // 3) in SCENE_SIZES
     assert "val/per_class/text_summary" in events.Tags()["tensors"]
-    assert {"train/images_per_sec", "train/loss", "val/mIoU"} <= set(events.Tags()["scalars"])
+    assert {"train/device/samples_per_sec", "train/loss", "val/mIoU"} <= set(events.Tags()["scalars"])
 
 
 def test_csv_has_one_iou_column_per_class_and_throughput(run):
@@ -109,6 +154,10 @@ def test_csv_has_one_iou_column_per_class_and_throughput(run):
     present = {name for name in CLASSES if any(r.get(f"val/IoU/{name}") for r in rows)}
     assert present and all(f"val/IoU/{name}" in columns for name in present)
     assert not any(c.startswith("val/IoU/") and c[8:] not in CLASSES for c in columns)
-    speed = [float(r["train/images_per_sec"]) for r in rows if r.get("train/images_per_sec")]
-    assert len(speed) == 2 and all(s > 0 for s in speed)
-    assert "train/gpu_mem_gb" not in columns  # CPU run
+    # Lightning's ThroughputMonitor, over a window of 2 batches: a rate once the second batch is
+    # done, on the row of that step (images per second, one process).
+    key = "train/device/samples_per_sec"
+    speed = {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+    assert list(speed) == [1] and speed[1] > 0
+    assert {int(r["step"]) for r in rows if r.get("train/loss")} == {0, 1}
+    assert not any(c.startswith("DeviceStatsMonitor") for c in columns)  # CPU run: no device statistics

@@ -2,35 +2,17 @@
 statistics, the error after too many in a row (the last checkpoint kept), all DDP ranks skipping
 together."""
 
-import math
-
 import lightning as L
 import pytest
 import torch
+from helpers import RandomScenes
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from segformer import SegFormer, cli
 from segformer.training.guards import NonFiniteLossError, NonFiniteLossGuard
 from segformer.training.module import SegFormerModule
 from segformer.training.optim import build_adamw
-
-
-class RandomScenes(Dataset):
-    """Random 32x32 images with 3 classes; the images listed in ``nan`` are all NaN."""
-
-    def __init__(self, size: int = 4, nan: tuple[int, ...] = ()) -> None:
-        self.size, self.nan = size, nan
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(index)
-        pixels = torch.randn(3, 32, 32, generator=generator)
-        if index in self.nan:
-            pixels.fill_(math.nan)
-        return {"pixel_values": pixels, "labels": torch.randint(0, 3, (32, 32), generator=generator)}
 
 
 def _module(max_consecutive: int) -> SegFormerModule:
@@ -106,7 +88,7 @@ def test_too_many_non_finite_steps_stop_training_and_keep_the_last_checkpoint(tm
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
-    assert saved["nonfinite_guard"] == {"consecutive": 1, "total": 1}
+    assert saved["callbacks"]["NonFiniteLossGuard"] == {"consecutive": 1, "total": 1}
 
 
 def test_every_ddp_rank_skips_when_one_rank_has_a_non_finite_loss():
