@@ -69,9 +69,10 @@ class PascalVOC(_PairedFilesDataset):
             if not needed.exists():
                 raise layout_error(what, f"{needed} does not exist", VOC_LAYOUT)
         names = list(dict.fromkeys(name for listed in lists for name in _read_list(listed)))
-        pairs = _pairs(names, base / "JPEGImages", mask_dirs, " + ".join(str(p) for p in lists))
+        listed_in = " + ".join(str(p) for p in lists)
+        pairs = _pairs(names, base / "JPEGImages", mask_dirs, listed_in)
         if self.augmented:
-            log.info("Pascal VOC train: %d images of the SBD-augmented set (%s)", len(pairs), ", ".join(map(str, lists)))
+            log.info("Pascal VOC train: %d images of the SBD-augmented set (%s)", len(pairs), listed_in)
         label_map = identity_label_map(len(VOC_CLASSES))
         super().__init__(split, VOC_CLASSES, VOC_PALETTE, pairs, label_map, _inverse(label_map, IGNORE_INDEX), base)
 
