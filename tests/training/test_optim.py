@@ -212,3 +212,28 @@ def test_cosine_schedule_curve_at_a_few_steps(model):
     assert seen[20]["encoder"] == seen[20]["head"] == pytest.approx(1e-5)
     with pytest.raises(ConfigError, match="max_steps"):
         build_cosine_schedule(optimizer, total_steps=0)
+
+
+def test_sgd_and_cosine_configs_build_what_they_say(model, tmp_path):
+    from pathlib import Path
+
+    import hydra
+
+    from segformer import cli
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    # ADE20K: a recipe without its own learning rate (the sample scenes' sets one).
+    cfg = cli.compose(configs, "train", ["data=ade20k", "optimizer=sgd", "scheduler=cosine"], run_dir=tmp_path)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(model)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {
+        "encoder": 5e-4, "encoder_norm": 0.0, "head": 5e-4, "head_norm": 5e-4
+    }
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and not optimizer.param_groups[0]["nesterov"]
+    scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, 3000)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 1e-6)
+    for _ in range(2250):
+        optimizer.step()
+        scheduler.step()
+    # Step 2250 of 3000, past the warmup: cosine at 3/4 of the run.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi * 0.75)) / 2)
