@@ -3,7 +3,8 @@
 ckpt_path takes anything ``SegFormer.from_pretrained`` takes (our .ckpt, a transformers folder or
 hub id, an NVlabs .pth). The dataset's evaluation mode applies (data.inference, overridable);
 the scores are accumulated over the whole split at the labels' original resolution. Writes
-<run dir>/metrics.json and, with save_predictions=true, <run dir>/predictions/<image>.png.
+<run dir>/metrics.json, <run dir>/report.md (scores, charts, prediction panels) and, with
+save_predictions=true, <run dir>/predictions/<image>.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from segformer import SegFormer, cli
 from segformer.errors import CheckpointError
 from segformer.inference.metrics import format_table, results_to_json
+from segformer.inference.report import ReportSamples, describe_dataset, write_report
 from segformer.training.module import SegFormerModule
 from segformer.inference.writers import PredictionWriter
 
@@ -40,9 +42,11 @@ def evaluate(cfg: DictConfig) -> float:
     module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index)
 
     output_dir = Path(cfg.paths.output_dir)
-    callbacks = [RichProgressBar()]
+    split = datamodule.dataset(datamodule.splits["test"])
+    # The first test images with their labels and predictions, for the report's panels.
+    examples = ReportSamples(cfg.report.num_images, datamodule.hparams["mean"], datamodule.hparams["std"])
+    callbacks = [RichProgressBar(), examples]
     if cfg.save_predictions:
-        split = datamodule.dataset(datamodule.splits["test"])
         callbacks.append(PredictionWriter(output_dir / "predictions", split))
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False
@@ -59,8 +63,20 @@ def evaluate(cfg: DictConfig) -> float:
         }
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(
+            output_dir,
+            results,
+            module.class_names,
+            split.palette,
+            checkpoint=str(cfg.ckpt_path),
+            dataset=describe_dataset(split, datamodule.root),
+            inference=inference,
+            samples=examples.samples,
+            alpha=cfg.report.alpha,
+        )
         print(format_table(results, module.class_names))
         print(f"Metrics: {output_dir / 'metrics.json'}")
+        print(f"Report: {output_dir / 'report.md'}")
     return float(results["mIoU"])
 
 

@@ -3,8 +3,9 @@ how fast training runs is Lightning's ThroughputMonitor (with ``batch_images``),
 DeviceStatsMonitor (configs/callbacks/dashboard.yaml).
 
 Each logger gets what it can show: W&B images with prediction and ground-truth masks (class
-names on hover), a per-class table and the confusion matrix; TensorBoard the overlays, the
-confusion matrix and a per-class text table; CSV one column per class (val/IoU/<class>).
+names on hover), a per-class table, the per-class IoU chart and the confusion matrix
+(``inference.pictures``); TensorBoard the overlays, the same two charts and a per-class text
+table; CSV one column per class (val/IoU/<class>).
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segformer.inference.pictures import confusion_matrix_image, denormalize, make_palette, overlay, resize_image
+from segformer.inference.pictures import (
+    batch_samples,
+    confusion_matrix_figure,
+    figure_to_array,
+    make_palette,
+    overlay,
+    per_class_iou_figure,
+)
+from segformer.inference.report import per_class_table
 
 
 def _logged_step(trainer: Trainer) -> int:
@@ -61,17 +70,7 @@ class ValidationDashboard(Callback):
             return
         hparams = getattr(trainer.datamodule, "hparams", {}) or {}
         mean, std = hparams.get("mean", IMAGENET_MEAN), hparams.get("std", IMAGENET_STD)
-        for i, pred in enumerate(outputs[: self.num_images - len(self._samples)]):
-            (h, w), (label_h, label_w) = batch["image_sizes"][i].tolist(), batch["label_sizes"][i].tolist()
-            image = denormalize(batch["pixel_values"][i, :, :h, :w], mean, std)
-            self._samples.append(
-                {
-                    "name": batch["names"][i],
-                    "image": resize_image(image, label_h, label_w),
-                    "labels": batch["labels"][i, :label_h, :label_w].cpu().numpy().astype(np.uint8),
-                    "pred": pred.cpu().numpy().astype(np.uint8),
-                }
-            )
+        self._samples += batch_samples(batch, outputs, mean, std, self.num_images - len(self._samples))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results: Mapping[str, Tensor] = getattr(pl_module, "val_results", {})
@@ -80,11 +79,13 @@ class ValidationDashboard(Callback):
         names = list(pl_module.class_names)
         palette = make_palette(len(names), getattr(trainer.datamodule, "palette", None))
         step = _logged_step(trainer)
+        showing = any(isinstance(logger, (WandbLogger, TensorBoardLogger)) for logger in trainer.loggers)
+        charts = self._charts(results, names) if showing else {}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._to_wandb(logger, results, names, step)
+                self._to_wandb(logger, results, names, charts, step)
             elif isinstance(logger, TensorBoardLogger):
-                self._to_tensorboard(logger, results, names, palette, trainer.global_step)
+                self._to_tensorboard(logger, results, names, palette, charts, trainer.global_step)
             elif isinstance(logger, CSVLogger):
                 self._to_columns(logger, results, names, step)
         self._samples = []
@@ -96,7 +97,22 @@ class ValidationDashboard(Callback):
 
         return [[name, value(iou), value(acc)] for name, iou, acc in zip(names, results["IoU"], results["Acc"])]
 
-    def _to_wandb(self, logger: WandbLogger, results: Mapping[str, Tensor], names: list[str], step: int) -> None:
+    def _charts(self, results: Mapping[str, Tensor], names: list[str]) -> dict[str, np.ndarray]:
+        # Drawn once per validation, whichever loggers show them.
+        charts = {"val/per_class_iou": figure_to_array(per_class_iou_figure(results, names))}
+        if self.confusion_matrix:
+            matrix = confusion_matrix_figure(results["confusion_matrix"], names)
+            charts["val/confusion_matrix"] = figure_to_array(matrix)
+        return charts
+
+    def _to_wandb(
+        self,
+        logger: WandbLogger,
+        results: Mapping[str, Tensor],
+        names: list[str],
+        charts: Mapping[str, np.ndarray],
+        step: int,
+    ) -> None:
         class_labels = {i: name for i, name in enumerate(names)}
         if self._samples:
             masks = [
@@ -115,9 +131,8 @@ class ValidationDashboard(Callback):
             )
         rows = self._per_class(results, names)
         logger.log_table("val/per_class", columns=["class", "IoU", "Acc"], data=rows, step=step)
-        if self.confusion_matrix:
-            image = confusion_matrix_image(results["confusion_matrix"], names)
-            logger.log_image("val/confusion_matrix", [image], step=step)
+        for tag, image in charts.items():
+            logger.log_image(tag, [image], step=step)
 
     def _to_tensorboard(
         self,
@@ -125,6 +140,7 @@ class ValidationDashboard(Callback):
         results: Mapping[str, Tensor],
         names: list[str],
         palette: np.ndarray,
+        charts: Mapping[str, np.ndarray],
         step: int,
     ) -> None:
         writer = logger.experiment
@@ -141,22 +157,14 @@ class ValidationDashboard(Callback):
             writer.add_image(f"val/predictions/{s['name']}", panel, step, dataformats="HWC")
         if self._samples:
             writer.add_image("val/legend", _legend(names, palette), step, dataformats="HWC")
-        rows = self._per_class(results, names)
-        table = ["| class | IoU | Acc |", "|---|---|---|"]
-        table += [f"| {n} | {_pct(i)} | {_pct(a)} |" for n, i, a in rows]
-        writer.add_text("val/per_class", "\n".join(table), step)
-        if self.confusion_matrix:
-            image = confusion_matrix_image(results["confusion_matrix"], names)
-            writer.add_image("val/confusion_matrix", image, step, dataformats="HWC")
+        writer.add_text("val/per_class", per_class_table(results, names), step)
+        for tag, image in charts.items():
+            writer.add_image(tag, image, step, dataformats="HWC")
 
     def _to_columns(self, logger: Logger, results: Mapping[str, Tensor], names: list[str], step: int) -> None:
         metrics = {f"val/IoU/{name}": iou for name, iou, _ in self._per_class(results, names) if iou is not None}
         if metrics:
             logger.log_metrics(metrics, step=step)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def _legend(names: Sequence[str], palette: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from segformer import SegFormer, cli
 from segformer.model.presets import PRESETS
+from segformer.training.curves import TrainingCurves
 from segformer.training.dashboards import StepProgressBar, ValidationDashboard, batch_images
 from segformer.errors import DataError
 
@@ -125,8 +126,9 @@ def test_training_objects_instantiate(compose):
         RichModelSummary,
         ValidationDashboard,
         ThroughputMonitor,
+        TrainingCurves,
     ]
-    assert callbacks[-1].batch_size_fn is batch_images
+    assert callbacks[-2].batch_size_fn is batch_images
     assert cli.best_checkpoint(callbacks, "val/mIoU") is callbacks[1]
     # With a logger: the learning rates and (on GPUs; nothing on CPU) the device statistics too.
     with_logger = [type(c) for c in cli.instantiate_callbacks(cfg.callbacks, has_logger=True)]

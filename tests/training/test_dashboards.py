@@ -1,4 +1,4 @@
-"""Dashboards: mask colours and overlays, the confusion-matrix picture, the step progress bar,
+"""Dashboards: mask colours and overlays, the step progress bar (the charts: tests/inference/test_pictures.py),
 and one training run logging to W&B (offline), TensorBoard and CSV at once."""
 
 import csv
@@ -7,16 +7,21 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, RandomScenes, load_script, tiny_sample_overrides
 from torch.utils.data import DataLoader
 
 from segformer import SegFormer, cli
 from segformer.data.sample import SCENE_SIZES
 from segformer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segformer.inference.pictures import colorize, confusion_matrix_image, denormalize, make_palette, overlay
+from segformer.inference.pictures import (
+    colorize,
+    denormalize,
+    make_palette,
+    overlay,
+)
 from segformer.training.dashboards import StepProgressBar
 from segformer.training.module import SegFormerModule
 from segformer.training.optim import build_adamw
-from helpers import ROOT, RandomScenes, load_script, tiny_sample_overrides
 
 CONFIGS = ROOT / "configs"
 CLASSES = ["background", "stripes", "dots", "checkers", "disc", "box", "triangle"]
@@ -40,23 +45,6 @@ def test_denormalize_inverts_the_normalization():
     image = torch.randint(0, 256, (3, 5, 4)).float()
     normalized = (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     np.testing.assert_array_equal(denormalize(normalized, IMAGENET_MEAN, IMAGENET_STD), image.permute(1, 2, 0).numpy())
-
-
-def test_confusion_matrix_image_shades_row_shares():
-    confmat = torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]])
-    image = confusion_matrix_image(confmat)  # unnamed: the heatmap alone, one border pixel
-    cell = 32  # cells are 480 // classes pixels, at most 32
-    assert image.shape == (3 * cell + 1, 3 * cell + 1, 3)
-
-    def centre(i, j):
-        return image[i * cell + cell // 2, j * cell + cell // 2].tolist()
-
-    assert centre(0, 0) == [70, 100, 144]  # 3/4 of the way from white to (8, 48, 107)
-    assert centre(0, 1) == [193, 203, 218]  # 1/4
-    assert centre(1, 1) == [255, 255, 255]  # a class never labelled: empty row
-    assert centre(2, 2) == centre(2, 1) == [132, 152, 181]  # 1/2
-    named = confusion_matrix_image(confmat, ["sky", "road", "car"])
-    assert named.shape[0] == image.shape[0] and named.shape[1] > image.shape[1]
 
 
 class TrainBarAtStart(L.Callback):
@@ -128,6 +116,7 @@ def test_wandb_offline_run_has_mask_images_table_and_confusion_matrix(run):
     assert len(list((media / "images" / "mask").rglob("*.mask.png"))) == 4
     assert len(list((media / "images" / "val").glob("predictions_*.png"))) == 2
     assert len(list((media / "images" / "val").glob("confusion_matrix_*.png"))) == 1
+    assert len(list((media / "images" / "val").glob("per_class_iou_*.png"))) == 1
     assert len(list((media / "table" / "val").glob("per_class_*.table.json"))) == 1
 
 
@@ -137,7 +126,7 @@ def test_tensorboard_has_overlays_confusion_matrix_and_table(run):
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     images = events.Tags()["images"]
-    assert "val/confusion_matrix" in images and "val/legend" in images
+    assert {"val/confusion_matrix", "val/per_class_iou", "val/legend"} <= set(images)
     panels = [tag for tag in images if tag.startswith("val/predictions/")]
     assert len(panels) == 2
     # image | ground truth | prediction side by side, each at the label's (the scene's) size
