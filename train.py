@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from segformer import cli
 from segformer.training import resume
-from segformer.training.batch import batch_summary
+from segformer.training.batch import BatchPlan, configure_batch
 from segformer.training.module import SegFormerModule
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -26,12 +26,18 @@ def train(cfg: DictConfig) -> float | None:
     """Fit the model the config describes; returns the best val/mIoU (the sweep objective)."""
     L.seed_everything(cfg.seed, workers=True)
     cli.fit_intervals_to_run(cfg)
+    cli.warn_about_recipe(cfg)
+    # The recipe's global batch over this run's devices: data.batch_size, accumulation, SyncBN.
+    configure_batch(cfg)
 
     # Plain lists and dicts: checkpoints keep the data module's hyperparameters and must load
     # with torch.load(weights_only=True).
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    # Reading the class names checks the dataset on disk (a wrong data.root is named) before
+    # building the model, which may download a pretrained encoder.
+    classes = datamodule.classes
     model = hydra.utils.instantiate(cfg.model)
-    model.id2label = dict(enumerate(datamodule.classes))
+    model.id2label = dict(enumerate(classes))
     module = SegFormerModule(
         model,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
@@ -48,8 +54,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[resume.AtomicCheckpointIO()]
     )
-    devices = (trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
-    rank_zero_info(batch_summary(datamodule.batch_size, *devices))
+    rank_zero_info(str(BatchPlan.of(trainer, datamodule.batch_size, cfg.get("global_batch_size"))))
 
     # Without ckpt_path, a run folder that already holds checkpoints (a re-run with the same
     # hydra.run.dir, a requeued SLURM job) resumes; ckpt_path=last says so explicitly.

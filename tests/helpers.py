@@ -56,3 +56,27 @@ class RandomScenes(Dataset):
         if index in self.nan:
             pixels.fill_(math.nan)
         return {"pixel_values": pixels, "labels": torch.randint(0, 3, (32, 32), generator=generator)}
+
+
+class CreatesAFile:
+    """Unpickling this runs code: it creates ``path``."""
+
+    def __init__(self, path, via_shell: bool) -> None:
+        self.path, self.via_shell = path, via_shell
+
+    def __reduce__(self):
+        import os
+        import pathlib
+
+        if self.via_shell:
+            return os.system, (f"touch {self.path}",)
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def malicious_checkpoint(path: Path, marker: Path, via_shell: bool = False) -> Path:
+    """A SegFormer state dict plus an object whose unpickling creates ``marker``."""
+    from segformer import SegFormer
+
+    state = {"model." + k: v for k, v in SegFormer("b0", num_classes=2).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": CreatesAFile(marker, via_shell)}, path)
+    return path

@@ -8,7 +8,7 @@ from segformer.cli.build import (
     instantiate_loggers,
     log_config,
 )
-from segformer.cli.checks import check_override_types, check_required, fit_intervals_to_run
+from segformer.cli.checks import check_override_types, check_required, fit_intervals_to_run, warn_about_recipe
 from segformer.cli.messages import user_error_message
 from segformer.cli.run import USER_ERROR_EXIT, compose, run
 
@@ -25,4 +25,5 @@ __all__ = [
     "log_config",
     "run",
     "user_error_message",
+    "warn_about_recipe",
 ]

@@ -24,6 +24,10 @@ def check_required(cfg: DictConfig) -> None:
 
 # Trainer flags whose default is a number but that Lightning also takes as a string or a list.
 FLEXIBLE_TYPES = frozenset({"trainer.devices", "trainer.val_check_interval"})
+# Numbers whose default is null ("derive it"; segformer/training/batch.py).
+NULLABLE_NUMBERS = frozenset(
+    {"data.batch_size", "global_batch_size", "max_batch_per_device", "trainer.accumulate_grad_batches"}
+)
 
 
 def check_override_types(cfg: DictConfig, config_name: str) -> None:
@@ -53,10 +57,11 @@ def check_override_types(cfg: DictConfig, config_name: str) -> None:
     mistakes = []
     for override in {o.key_or_group: o for o in values}.values():
         default = _lookup(defaults, override.key_or_group)
+        kind = 0 if default is None and override.key_or_group in NULLABLE_NUMBERS else default
         given = OmegaConf.select(cfg, override.key_or_group, throw_on_missing=False)
         if isinstance(given, (DictConfig, ListConfig)):
             given = OmegaConf.to_container(given, resolve=False)
-        expected = _kind_mismatch(default, given)
+        expected = _kind_mismatch(kind, given)
         if expected:
             key = override.key_or_group
             mistakes.append(f"{key}={given!r} ({key} takes {expected}, default {default!r})")
@@ -115,6 +120,10 @@ def fit_intervals_to_run(cfg: DictConfig) -> None:
     with open_dict(cfg):
         interval = cfg.trainer.get("val_check_interval")
         if isinstance(interval, int) and interval > max_steps:
+            rank_zero_warn(
+                f"trainer.val_check_interval={interval} is beyond the run (trainer.max_steps={max_steps}): "
+                f"validating and checkpointing at step {max_steps} instead."
+            )
             cfg.trainer.val_check_interval = max_steps
         for node in (cfg.get("callbacks") or {}).values():
             every = node.get("every_n_train_steps") if isinstance(node, DictConfig) else None
@@ -128,3 +137,27 @@ def fit_intervals_to_run(cfg: DictConfig) -> None:
         )
 
 
+
+
+def warn_about_recipe(cfg: DictConfig) -> None:
+    """One warning per setting that defeats its purpose; training goes on."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    warmup = (cfg.get("scheduler") or {}).get("warmup_iters")
+    if isinstance(max_steps, int) and max_steps > 0 and isinstance(warmup, int) and warmup >= max_steps:
+        rank_zero_warn(
+            f"scheduler.warmup_iters={warmup} >= trainer.max_steps={max_steps}: the learning rate never "
+            "reaches optimizer.lr (it is still warming up when the run ends)."
+        )
+    data = cfg.get("data") or {}
+    crop, scale = data.get("crop_size"), data.get("scale")
+    if not crop or not scale:
+        return
+    ratio = max((data.get("augment") or {}).get("ratio_range") or [1.0])
+    # The train rescale fits each image into scale x ratio ([long, short]): the largest it gets.
+    long_side, short_side = max(scale) * ratio, min(scale) * ratio
+    if min(crop) > short_side or max(crop) > long_side:
+        rank_zero_warn(
+            f"data.crop_size={list(crop)} is larger than the rescaled training images (at most "
+            f"{long_side:g} x {short_side:g}: data.scale={list(scale)} x the largest ratio {ratio:g}): "
+            "every crop is partly padding. Use a smaller crop or a larger data.scale."
+        )

@@ -7,6 +7,7 @@ import re
 
 from hydra.errors import (
     CompactHydraException,
+    HydraException,
     InstantiationException,
     MissingConfigException,
     OverrideParseException,
@@ -19,33 +20,53 @@ from segformer.errors import UserError
 
 
 def user_error_message(error: BaseException) -> str | None:
-    """The message to show for a user mistake, or None when ``error`` is a bug."""
+    """The message to show for a user mistake, or None when ``error`` is a bug.
+
+    Judged by exception types and their attributes, never by the wording of library messages.
+    """
     cause = _user_cause(error)
     if cause is not None:
         return _clean_worker_message(str(cause))
     if isinstance(error, InstantiationException):
         # A constructor refusing its arguments (Lightning's Trainer: precision=17, devices=abc).
-        if error.__cause__ is None:
-            return str(error)
-        if isinstance(error.__cause__, (TypeError, ValueError, ImportError)):
-            key = re.search(r"^full_key: (\S+)", str(error), flags=re.MULTILINE)
-            return f"{key.group(1) if key else 'config'}: {error.__cause__}"
+        refused = error.__cause__
+        if refused is None:
+            return _one_line(str(error))
+        if isinstance(refused, (TypeError, ValueError, ImportError, MisconfigurationException)):
+            key = _instantiated_key(error)
+            return f"{key or 'config'}: {_one_line(str(refused))}"
         return None
     if isinstance(error, MissingConfigException):
         return _missing_config_message(error)
     if isinstance(error, OverrideParseException):
-        reason = str(error).split("\nSee https://")[0].replace("\n", " ")
+        reason = error.message.strip().splitlines()[0] if error.message.strip() else ""
         return (
             f"Could not parse the override {error.override!r}: {reason}. Overrides look like "
             "key=value, group=choice or key=[a,b]."
         )
-    if isinstance(error, CompactHydraException):
+    if isinstance(error, HydraException):
         if isinstance(error.__cause__, OmegaConfBaseException):
             return _bad_key_message(error, error.__cause__)
-        return str(error).replace("\n", " ")
+        if isinstance(error, CompactHydraException):
+            return _one_line(str(error))
+        return None
     if isinstance(error, MisconfigurationException):
-        return str(error)
+        return _one_line(str(error))
     return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _instantiated_key(error: InstantiationException) -> str | None:
+    """The config key whose ``_target_`` raised: ``full_key`` of Hydra's frame that wrapped it."""
+    frame = error.__traceback__
+    key = None
+    while frame is not None:
+        key = frame.tb_frame.f_locals.get("full_key", key)
+        frame = frame.tb_next
+    return key or None
 
 
 def _user_cause(error: BaseException) -> UserError | None:
@@ -67,16 +88,15 @@ def _clean_worker_message(message: str) -> str:
 
 
 def _missing_config_message(error: MissingConfigException) -> str:
-    text = str(error).split("\nConfig search path:")[0]
-    head, _, options = text.partition("\n\nAvailable options in")
-    if not options:
-        return head
-    group, _, names = options.partition(":")
-    choices = [name.strip() for name in names.split() if name.strip()]
-    return f"{head.strip()}. Valid choices for{group}: {', '.join(choices)}."
+    group, _, choice = (error.missing_cfg_file or "").rpartition("/")
+    # configs/<group>/base.yaml is what the group's choices extend, not a choice.
+    options = [name for name in error.options or [] if name != "base"]
+    if not group or not options:
+        return f"Could not find the config {error.missing_cfg_file!r}."
+    return f"Could not find {choice!r} in '{group}'. Valid choices for '{group}': {', '.join(options)}."
 
 
-def _bad_key_message(error: CompactHydraException, cause: OmegaConfBaseException) -> str:
+def _bad_key_message(error: HydraException, cause: OmegaConfBaseException) -> str:
     full_key = cause.full_key or ""
     parent = cause.parent_node
     if isinstance(parent, DictConfig) and isinstance(cause.key, str):

@@ -22,8 +22,17 @@ from segformer.cli.checks import check_override_types, check_required
 from segformer.cli.messages import user_error_message
 from segformer.training import run_folder
 
-
 USER_ERROR_EXIT = 2
+
+# The _target_s our configs instantiate. Hydra 1.4 asks for them (it refuses others and warns
+# without a list) and drops version_base (its defaults are 1.3's); Hydra 1.3 needs
+# version_base="1.3" to keep the 1.3 behaviour.
+TRUSTED_TARGETS = ["segformer.*", "lightning.pytorch.*", "hydra.utils.get_method"]
+if hasattr(hydra.utils, "execution_whitelist"):
+    MAIN_OPTIONS: dict = {"execution_whitelist": TRUSTED_TARGETS}
+    COMPOSE_OPTIONS: dict = {}
+else:
+    MAIN_OPTIONS = COMPOSE_OPTIONS = {"version_base": "1.3"}
 
 # ${run_name:...} in configs/hydra: resolvable wherever a config is composed, launcher workers included.
 run_folder.register_resolvers()
@@ -49,7 +58,7 @@ def run(task: Callable[[DictConfig], T], config_dir: str | os.PathLike, config_n
         print(f"error: {message}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
 
-    @hydra.main(version_base="1.3", config_path=str(Path(config_dir).resolve()), config_name=config_name)
+    @hydra.main(config_path=str(Path(config_dir).resolve()), config_name=config_name, **MAIN_OPTIONS)
     def main(cfg: DictConfig) -> T:
         # Exiting from inside the job keeps Hydra from printing its own "Error executing job" line.
         try:
@@ -79,7 +88,7 @@ def compose(
 ) -> DictConfig:
     """The config a script would get from ``overrides``, composed outside a Hydra run (tests,
     notebooks). ``${hydra:...}`` values resolve as in a run whose folder is ``run_dir``."""
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), **COMPOSE_OPTIONS):
         cfg = hydra.compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = os.getcwd()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segformer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class MiTConfig:
@@ -191,6 +193,13 @@ class MixTransformer(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
+        if not 0 <= drop_path_rate < 1:
+            raise ConfigError(
+                f"drop_path_rate={drop_path_rate} (model.drop_path_rate) is out of range: it is the "
+                "probability of dropping the last block's path, in [0, 1) (the paper: 0.1)."
+            )
+        if not norm_eps > 0:
+            raise ConfigError(f"norm_eps={norm_eps} (model.norm_eps) must be > 0 (NVlabs: 1e-6, transformers: 1e-5).")
         self.config = config
         self.norm_eps = norm_eps
         # Drop-path rates rise linearly from 0 over all blocks of all stages.

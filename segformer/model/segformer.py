@@ -45,6 +45,11 @@ class SegFormer(nn.Module):
             )
         if num_classes < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {num_classes}.")
+        if not 0 <= decoder_dropout < 1:
+            raise ConfigError(
+                f"decoder_dropout={decoder_dropout} (model.decoder_dropout) is out of range: it is the "
+                "probability of dropping a decode-head channel, in [0, 1) (the paper: 0.1)."
+            )
         self.variant = variant
         self.encoder = MixTransformer(MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, norm_eps=norm_eps)
         self.decode_head = DecodeHead(
@@ -195,9 +200,15 @@ def build_segformer(
 ) -> SegFormer:
     """The Hydra entry point: a new model, or a pretrained one adapted to ``num_classes``."""
     if pretrained:
-        model = SegFormer.from_pretrained(
-            pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, fast_head=fast_head
-        )
+        try:
+            model = SegFormer.from_pretrained(
+                pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, fast_head=fast_head
+            )
+        except CheckpointError as error:  # e.g. offline with a hub id: name the key and the ways out
+            raise CheckpointError(
+                f"model.pretrained={pretrained}: {error} Or give model.pretrained=<transformers folder or "
+                ".pth file>, or model.pretrained=null to train from scratch."
+            ) from None
         if model.variant != variant:
             raise ConfigError(
                 f"model.pretrained={pretrained!r} holds a SegFormer-{model.variant.upper()}, but the "

@@ -14,11 +14,13 @@ sends each later attempt's config to ``.hydra/attempt-<n>/`` instead and says so
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -54,7 +56,13 @@ def run_name(default: str) -> str:
 
 def register_resolvers() -> None:
     """``${run_name:<default>}`` for configs/hydra (called before Hydra composes anything)."""
-    if not OmegaConf.has_resolver(RUN_NAME_RESOLVER):
+    if OmegaConf.has_resolver(RUN_NAME_RESOLVER):
+        return
+    # omegaconf 2.4 renamed register_new_resolver (now deprecated) to register_resolver, a name
+    # that in 2.3 is the legacy, string-only API: the new signature tells them apart.
+    if "use_cache" in inspect.signature(OmegaConf.register_resolver).parameters:
+        OmegaConf.register_resolver(RUN_NAME_RESOLVER, run_name)
+    else:
         OmegaConf.register_new_resolver(RUN_NAME_RESOLVER, run_name)
 
 
@@ -73,7 +81,14 @@ class KeepEarlierConfig(Callback):
         subdir = config.hydra.output_subdir
         if subdir is None:
             return
-        saved = Path(config.hydra.run.dir) / subdir
+        # hydra.run.dir refers to ${hydra:runtime.cwd} (configs/paths), which resolves only once
+        # HydraConfig holds this config; Hydra sets it only later, when the job starts. The folder
+        # is pinned so that the job's own resolution (${now:...}) cannot pick another one.
+        HydraConfig.instance().set_config(config)
+        run_dir = str(config.hydra.run.dir)
+        with read_write(config.hydra):
+            config.hydra.run.dir = run_dir
+        saved = Path(run_dir) / subdir
         if not (saved / "config.yaml").is_file():
             return
         with read_write(config.hydra):

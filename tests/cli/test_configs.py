@@ -61,10 +61,12 @@ def test_paper_experiments(compose, name):
     assert cfg.model.variant == variant
     assert cfg.model.pretrained == f"mit_{variant}_imagenet"
     assert PRESETS[cfg.model.pretrained].hub_id == f"nvidia/mit-{variant}"
-    assert cfg.trainer.max_steps == (80_000 if dataset == "coco_stuff" else 160_000) and cfg.trainer.sync_batchnorm
+    assert cfg.trainer.max_steps == (80_000 if dataset == "coco_stuff" else 160_000)
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.head_lr_mult) == (6e-5, 0.01, 10.0)
     assert (cfg.scheduler.warmup_iters, cfg.scheduler.warmup_ratio, cfg.scheduler.power) == (1500, 1e-6, 1.0)
-    total_batch = cfg.trainer.devices * cfg.data.batch_size
+    # The paper's global batch, on whatever devices the run has (segformer/training/batch.py).
+    total_batch = cfg.global_batch_size
+    assert cfg.data.batch_size is None and cfg.trainer.devices == "auto" and cfg.trainer.sync_batchnorm is None
     if dataset in ("ade20k", "coco_stuff"):
         assert cfg.data.num_classes == (150 if dataset == "ade20k" else 171) and total_batch == 16
         assert cfg.data.inference.mode == "whole"
@@ -226,3 +228,42 @@ def test_messages_of_errors_raised_elsewhere():
     assert cli.user_error_message(wrapped) == "No images."
     assert cli.user_error_message(MisconfigurationException("You requested gpu: [0]")) == "You requested gpu: [0]"
     assert cli.user_error_message(RuntimeError("bug")) is None
+
+
+def test_a_second_run_in_the_same_folder_keeps_the_first_config(monkeypatch, tmp_path, recwarn):
+    """hydra.run.dir through ${paths.log_dir} (${hydra:runtime.cwd}): resolvable in the callback."""
+    monkeypatch.chdir(tmp_path)
+    seeds = []
+    for seed in (1, 2, 3):
+        monkeypatch.setattr(sys, "argv", ["train.py", "hydra.run.dir=${paths.log_dir}/again", f"seed={seed}"])
+        cli.run(lambda cfg: seeds.append(cfg.seed), CONFIGS, "train")
+    assert seeds == [1, 2, 3]
+    saved = tmp_path / "logs" / "again" / ".hydra"
+    assert OmegaConf.load(saved / "config.yaml").seed == 1
+    assert OmegaConf.load(saved / "attempt-2" / "config.yaml").seed == 2
+    assert OmegaConf.load(saved / "attempt-3" / "config.yaml").seed == 3
+    assert not [w for w in recwarn if "KeepEarlierConfig" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["trainer.max_steps=40", "trainer.val_check_interval=20"], r"scheduler.warmup_iters=50 >= trainer.max_steps=40: the learning rate never reaches"),
+        (["trainer.max_steps=150"], r"trainer.val_check_interval=200 is beyond the run \(trainer.max_steps=150\)"),
+        (["data.crop_size=[256,256]"], r"data.crop_size=\[256, 256\] is larger than the rescaled training images"),
+    ],
+)
+def test_recipe_settings_that_defeat_their_purpose_warn(compose, overrides, expected):
+    cfg = compose("train", *overrides)
+    with pytest.warns(UserWarning, match=expected) as warned:
+        cli.fit_intervals_to_run(cfg)
+        cli.warn_about_recipe(cfg)
+    assert len([w for w in warned if "\n" not in str(w.message)]) == len(warned) == 1
+
+
+def test_the_paper_recipes_do_not_warn(compose, recwarn):
+    for data in ("ade20k", "cityscapes"):
+        cfg = compose("train", f"data={data}")
+        cli.fit_intervals_to_run(cfg)
+        cli.warn_about_recipe(cfg)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from segformer import SegFormer, cli
+from helpers import malicious_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -69,13 +70,21 @@ def _folder_dataset(root: Path, splits: dict[str, int]) -> Path:
     "overrides, expected",
     [
         # wrong choices
-        (["data=ade21k"], "Valid choices for 'data': ade20k, cityscapes, folder, hf, sample"),
+        (["data=ade21k"], "Valid choices for 'data': ade20k, cityscapes, coco_stuff, folder, hf, mapillary, sample, voc."),
         (["trainer=tpu"], "Valid choices for 'trainer': cpu, ddp"),
         # wrong types
         (["trainer.max_steps=many"], "trainer.max_steps='many' (trainer.max_steps takes a number"),
         (["data.crop_size=512"], "data.crop_size=512 (data.crop_size takes a list"),
         (["optimizer.lr=fast", "data.batch_size=two"], "optimizer.lr='fast'"),
         (["trainer.precision=17"], "trainer: Precision 17 is invalid"),
+        # values out of range, refused where they are read
+        (["model.drop_path_rate=2"], "drop_path_rate=2 (model.drop_path_rate) is out of range: it is the probability"),
+        (["global_batch_size=0"], "global_batch_size=0 must be a whole number of images (at least 1) or null"),
+        pytest.param(
+            ["trainer.accelerator=gpu"],
+            "trainer.accelerator=gpu asks for a GPU, but this machine has none",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
         # wrong paths
         (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path=/nowhere/last.ckpt does not exist"),
         (["data=folder", "data.num_classes=3", "data.root=/nowhere/data"], "/nowhere/data"),
@@ -147,3 +156,39 @@ def test_the_scripts_exit_with_one_line(tmp_path, script):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(expected[script])
     assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_train_and_eval(monkeypatch, capsys, tmp_path, data):
+    marker = tmp_path / "created"
+    checkpoint = malicious_checkpoint(tmp_path / "evil.ckpt", marker, via_shell=True)
+    err = _fails(monkeypatch, capsys, "eval", tmp_path / "eval", *data, f"ckpt_path={checkpoint}")
+    assert str(checkpoint) in err and "could run code" in err
+    err = _fails(monkeypatch, capsys, "train", tmp_path / "train", *data, f"ckpt_path={checkpoint}")
+    assert str(checkpoint) in err and "Cannot read checkpoint" in err
+    assert not marker.exists()
+
+
+def _cityscapes(root: Path) -> Path:
+    for split in ("train", "val"):
+        for folder, suffix, channels in (("leftImg8bit", "leftImg8bit", (32, 64, 3)), ("gtFine", "gtFine_labelIds", (32, 64))):
+            (root / folder / split / "aachen").mkdir(parents=True)
+            Image.fromarray(np.full(channels, 7, np.uint8)).save(root / folder / split / "aachen" / f"aachen_000000_000019_{suffix}.png")
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_the_pretrained_encoder_is_named_with_the_ways_out(monkeypatch, capsys, tmp_path, offline):
+    common = ["data=cityscapes", "data.num_workers=0", "callbacks.rich_model_summary=null"]
+    # The wrong data root is named first, before any network work.
+    err = _fails(monkeypatch, capsys, "train", tmp_path / "a", *common, f"data.root={tmp_path / 'nowhere'}")
+    assert str(tmp_path / "nowhere") in err and "model.pretrained" not in err
+    err = _fails(monkeypatch, capsys, "train", tmp_path / "b", *common, f"data.root={_cityscapes(tmp_path / 'cs')}")
+    assert "model.pretrained=" in err and "nvidia/mit-b0" in err
+    assert "model.pretrained=<transformers folder or .pth file>" in err and "model.pretrained=null" in err

@@ -21,6 +21,7 @@ from segformer import SegFormer
 from segformer.errors import CheckpointError
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
+from helpers import malicious_checkpoint
 
 INPUT_SHAPE = (1, 3, 97, 70)  # non-square, neither side a multiple of 32
 
@@ -374,28 +375,6 @@ def test_nvlabs_checkpoint_with_mmcv_metadata_loads(tmp_path):
     x = torch.randn(INPUT_SHAPE)
     nvlabs_eps(hf)
     assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max() < 1e-4
-
-
-class CreatesAFile:
-    """Unpickling this runs code: it creates ``path``."""
-
-    def __init__(self, path, via_shell: bool) -> None:
-        self.path, self.via_shell = path, via_shell
-
-    def __reduce__(self):
-        import os
-        import pathlib
-
-        if self.via_shell:
-            return os.system, (f"touch {self.path}",)
-        return pathlib.Path.touch, (pathlib.Path(self.path),)
-
-
-def malicious_checkpoint(path, marker, via_shell: bool = False):
-    """A SegFormer state dict plus an object whose unpickling creates ``marker``."""
-    state = {"model." + k: v for k, v in SegFormer("b0", num_classes=2).state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": CreatesAFile(marker, via_shell)}, path)
-    return path
 
 
 @pytest.mark.parametrize("name, via_shell", [("model.pth", False), ("last.ckpt", True)])
