@@ -62,7 +62,7 @@ class _Logits(nn.Module):
         self.model = model
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model.decode_head(self.model.encoder(pixel_values))
+        return self.model.decode_head(self.model.features(pixel_values))
 
 
 def export_onnx(predictor: Predictor, output: Path, opset: int = 17) -> Path:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from segformer.errors import CheckpointError, ConfigError
+from segformer.errors import CheckpointError, ConfigError, DataError
 from segformer.model import checkpoints
 from segformer.model.head import DECODER_DIMS, DecodeHead
 from segformer.model.mit import MIT_VARIANTS, MixTransformer
+
+# The variant name of a model built around a foreign encoder (SegFormer(encoder=...)).
+CUSTOM = "custom"
 
 # The smallest side whose 1/4-resolution token grid (ceil(side / 4)) fits stage 1's 8x8
 # sequence-reduction kernel.
@@ -20,11 +26,39 @@ MIN_INPUT_SIZE = 29
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class SegFormerOutput:
+    """``model(x, output_hidden_states=True)``: the logits and the four encoder maps, as
+    transformers' ``SegformerModel(..., output_hidden_states=True).hidden_states`` gives them."""
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...]
+
+
+def encoder_channels(encoder: nn.Module) -> tuple[int, ...]:
+    """The channels of the four maps an encoder returns, from ``out_channels`` or ``hidden_sizes``."""
+    channels = getattr(encoder, "out_channels", None) or getattr(encoder, "hidden_sizes", None)
+    if not (
+        isinstance(channels, Sequence)
+        and len(channels) == 4
+        and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+    ):
+        raise ConfigError(
+            f"SegFormer(encoder=...) needs an encoder that declares the channels of its four maps (strides "
+            f"4, 8, 16, 32) as an attribute out_channels or hidden_sizes, e.g. (64, 128, 320, 512); "
+            f"{type(encoder).__name__} has {channels!r}."
+        )
+    return tuple(channels)
+
+
 class SegFormer(nn.Module):
     """Semantic segmentation model returning logits at 1/4 of the input resolution.
 
     ``norm_eps`` is the eps of the block and stage-final LayerNorms: 1e-6 in the NVlabs code
     that trained the paper's models, 1e-5 in transformers; checkpoints keep their origin's.
+    ``encoder`` replaces the MiT encoder of ``variant`` by any module that maps (B, 3, H, W) to
+    four maps at strides 4, 8, 16 and 32 and declares their channels (``out_channels`` or
+    ``hidden_sizes``); its decoder is 256 wide unless ``decoder_dim`` says otherwise.
     """
 
     def __init__(
@@ -37,9 +71,10 @@ class SegFormer(nn.Module):
         norm_eps: float = 1e-6,
         decoder_dim: int | None = None,
         decoder_dropout: float = 0.1,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if variant not in MIT_VARIANTS:
+        if encoder is None and variant not in MIT_VARIANTS:
             raise ConfigError(
                 f"Unknown SegFormer variant {variant!r}: expected one of {', '.join(MIT_VARIANTS)}."
             )
@@ -50,11 +85,19 @@ class SegFormer(nn.Module):
                 f"decoder_dropout={decoder_dropout} (model.decoder_dropout) is out of range: it is the "
                 "probability of dropping a decode-head channel, in [0, 1) (the paper: 0.1)."
             )
-        self.variant = variant
-        self.encoder = MixTransformer(MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, norm_eps=norm_eps)
+        if encoder is None:
+            self.variant = variant
+            self.encoder: nn.Module = MixTransformer(MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, norm_eps=norm_eps)
+            channels, default_dim = MIT_VARIANTS[variant].hidden_sizes, DECODER_DIMS[variant]
+        else:
+            if not isinstance(encoder, nn.Module):
+                raise ConfigError(f"SegFormer(encoder=...) takes a torch.nn.Module, got a {type(encoder).__name__}.")
+            self.variant = CUSTOM
+            self.encoder = encoder
+            channels, default_dim = encoder_channels(encoder), DECODER_DIMS["b0"]
         self.decode_head = DecodeHead(
-            MIT_VARIANTS[variant].hidden_sizes,
-            decoder_dim or DECODER_DIMS[variant],
+            channels,
+            decoder_dim or default_dim,
             num_classes,
             dropout=decoder_dropout,
             fast=fast_head,
@@ -62,12 +105,16 @@ class SegFormer(nn.Module):
         self.id2label = id2label
 
     @property
+    def has_mit_encoder(self) -> bool:
+        return isinstance(self.encoder, MixTransformer)
+
+    @property
     def num_classes(self) -> int:
         return self.decode_head.classifier.out_channels
 
     @property
-    def norm_eps(self) -> float:
-        return self.encoder.norm_eps
+    def norm_eps(self) -> float | None:
+        return self.encoder.norm_eps if self.has_mit_encoder else None
 
     @property
     def fast_head(self) -> bool:
@@ -98,6 +145,7 @@ class SegFormer(nn.Module):
         """What it takes to rebuild this model around a state dict (stored in our checkpoints)."""
         return {
             "variant": self.variant,
+            **({} if self.has_mit_encoder else {"encoder": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}"}),
             "num_classes": self.num_classes,
             "id2label": dict(self.id2label),
             "norm_eps": self.norm_eps,
@@ -109,7 +157,23 @@ class SegFormer(nn.Module):
         self.decode_head.reset_classifier(num_classes)
         self.id2label = id2label
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
+    def features(self, pixel_values: Tensor) -> list[Tensor]:
+        """The encoder's four maps as the head consumes them (MiT's in channels-last memory)."""
+        if self.has_mit_encoder:
+            return self.encoder.channels_last_maps(pixel_values)
+        features = list(self.encoder(pixel_values))
+        expected = [linear.in_features for linear in self.decode_head.linear_c]
+        if [f.shape[1] if f.ndim == 4 else None for f in features] != expected:
+            raise ValueError(
+                f"The encoder {type(self.encoder).__name__} returned maps of shapes "
+                f"{[tuple(f.shape) for f in features]}; it declares four (batch, channels, height, width) maps "
+                f"with {expected} channels (strides 4, 8, 16, 32)."
+            )
+        return features
+
+    def forward(self, pixel_values: Tensor, output_hidden_states: bool = False) -> Tensor | SegFormerOutput:
+        """Logits (B, K, ceil(H/4), ceil(W/4)); with ``output_hidden_states`` a ``SegFormerOutput``
+        holding them and the four encoder maps (contiguous NCHW)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"SegFormer expects pixel_values of shape (batch, 3, height, width), got "
@@ -125,7 +189,48 @@ class SegFormer(nn.Module):
                 f"SegFormer needs images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (the first "
                 f"stage reduces keys and values 8x8 times), got {tuple(pixel_values.shape[-2:])}."
             )
-        return self.decode_head(self.encoder(pixel_values))
+        features = self.features(pixel_values)
+        logits = self.decode_head(features)
+        if output_hidden_states:
+            return SegFormerOutput(logits, tuple(f.contiguous() for f in features))
+        return logits
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Any,
+        scale: Sequence[int] = (2048, 512),
+        size_divisor: int | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        **inference: Any,
+    ) -> Tensor | list[Tensor]:
+        """Class maps (H, W) of ``images`` at each one's original size, on the CPU.
+
+        ``images``: one image or a list (file paths, PIL images, numpy arrays or tensors, HWC or
+        CHW, uint8 or float) or a 4-D batch. Each is preprocessed as evaluation does (keep-ratio
+        resize to fit ``scale`` = (long, short), sides rounded up to ``size_divisor``), and
+        predicted with the settings of eval.py / predict.py (``inference``: mode="whole"|"slide",
+        crop_size, stride, scales, flip, window_batch), ``batch_size`` images per step on the
+        model's device, in eval mode. One image gives one map, a list a list.
+        """
+        from segformer.inference.inference import InferenceConfig
+        from segformer.inference.predictor import Preprocessing, segment
+        from segformer.inference.processor import as_image_list, is_single_image
+
+        config = InferenceConfig.from_mapping(inference)
+        preprocessing = Preprocessing(size_divisor=size_divisor).with_scale(scale)
+        training = self.training
+        self.eval()
+        try:
+            maps: list[Tensor] = []
+            for batch, preds in segment(self, as_image_list(images), preprocessing, config, batch_size, num_workers):
+                if batch["failed"]:
+                    raise DataError(f"Cannot segment {batch['failed'][0][1]}.")
+                maps.extend(pred.cpu() for pred in preds)
+        finally:
+            self.train(training)
+        return maps[0] if is_single_image(images) else maps
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, num_classes: int | None = None, **kwargs: Any) -> "SegFormer":
@@ -139,6 +244,12 @@ class SegFormer(nn.Module):
         """
         checkpoint = checkpoints.read_checkpoint(source)
         fmt, state_dict = checkpoint.format, checkpoint.state_dict
+        if checkpoint.extra.get("variant") == CUSTOM:
+            raise CheckpointError(
+                f"Checkpoint {checkpoint.origin!r} holds a SegFormer with a custom encoder "
+                f"({checkpoint.extra.get('encoder')}), which from_pretrained cannot rebuild: build the model with "
+                "SegFormer(encoder=..., num_classes=...) and load the checkpoint's state_dict into it."
+            )
         try:
             arch = checkpoints.infer_architecture(state_dict, fmt)
         except CheckpointError as error:
@@ -187,6 +298,12 @@ class SegFormer(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors that transformers' SegFormer classes load."""
+        if not self.has_mit_encoder:
+            raise CheckpointError(
+                f"save_pretrained writes transformers' SegFormer format, which holds only a MiT encoder; this "
+                f"model's encoder is {type(self.encoder).__name__}. Save its weights with "
+                "torch.save(model.state_dict(), path) and rebuild it with SegFormer(encoder=..., num_classes=...)."
+            )
         checkpoints.save_transformers(self, directory)
 
 
@@ -197,8 +314,21 @@ def build_segformer(
     id2label: dict[int, str] | None = None,
     drop_path_rate: float = 0.1,
     fast_head: bool = True,
+    encoder: nn.Module | None = None,
+    decoder_dim: int | None = None,
 ) -> SegFormer:
-    """The Hydra entry point: a new model, or a pretrained one adapted to ``num_classes``."""
+    """The Hydra entry point: a new model, or a pretrained one adapted to ``num_classes``.
+
+    ``encoder`` (a module Hydra builds from ``model.encoder._target_=...``) replaces MiT, as in
+    configs/model/custom_encoder_example.yaml.
+    """
+    if encoder is not None:
+        if pretrained:
+            raise ConfigError(
+                f"model.pretrained={pretrained!r} loads a SegFormer with its MiT encoder, but model.encoder "
+                "gives another encoder: load that encoder's own weights inside it and set model.pretrained=null."
+            )
+        return SegFormer(num_classes=num_classes, id2label=id2label, fast_head=fast_head, decoder_dim=decoder_dim, encoder=encoder)
     if pretrained:
         try:
             model = SegFormer.from_pretrained(
@@ -217,4 +347,6 @@ def build_segformer(
         if id2label is not None:
             model.id2label = id2label
         return model
-    return SegFormer(variant, num_classes, id2label=id2label, drop_path_rate=drop_path_rate, fast_head=fast_head)
+    return SegFormer(
+        variant, num_classes, id2label=id2label, drop_path_rate=drop_path_rate, fast_head=fast_head, decoder_dim=decoder_dim
+    )

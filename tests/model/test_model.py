@@ -158,3 +158,123 @@ def test_reset_classifier_keeps_the_rest():
 def test_id2label_must_cover_every_class():
     with pytest.raises(ConfigError, match="id2label"):
         SegFormer("b0", num_classes=3, id2label={0: "a", 1: "b"})
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+
+def test_hidden_states_equal_transformers_segformer_model(tmp_path):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    mit = MIT_VARIANTS["b0"]
+    config = SegformerConfig(depths=list(mit.depths), hidden_sizes=list(mit.hidden_sizes), decoder_hidden_size=256, num_labels=5)
+    torch.manual_seed(0)
+    hf = SegformerForSemanticSegmentation(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = SegFormer.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 3, 97, 70)
+    with torch.no_grad():
+        expected = hf.segformer(x, output_hidden_states=True).hidden_states
+        output = ours(x, output_hidden_states=True)
+        plain = ours(x)
+        encoder_maps = ours.encoder(x)
+    assert len(output.hidden_states) == 4
+    for ours_map, hf_map, encoder_map in zip(output.hidden_states, expected, encoder_maps):
+        assert ours_map.shape == hf_map.shape and ours_map.is_contiguous() and encoder_map.is_contiguous()
+        torch.testing.assert_close(ours_map, hf_map, rtol=0, atol=1e-5)
+        assert torch.equal(ours_map, encoder_map)
+        ours_map.view(ours_map.shape[0], -1)  # a plain view works (channels-last maps refuse it)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, output.logits)
+
+
+# ----------------------------------------------------------------------------- any encoder
+
+
+class PoolEncoder(torch.nn.Module):
+    """A foreign encoder: strided convs, declaring its channels like MixTransformer does."""
+
+    hidden_sizes = (8, 16, 24, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+        channels = (3, *self.hidden_sizes)
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(a, b, 3, stride=4 if i == 0 else 2, padding=1) for i, (a, b) in enumerate(zip(channels, channels[1:]))
+        )
+
+    def forward(self, x):
+        maps = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            maps.append(x)
+        return maps
+
+
+def _train_steps(model: SegFormer, steps: int) -> list[float]:
+    from segformer.training.optim import param_groups
+
+    torch.manual_seed(0)
+    # Two classes in 16x16 blocks, written into the first channel: learnable in a few steps.
+    labels = torch.randint(0, 2, (4, 4, 4)).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    x = torch.randn(4, 3, 64, 64)
+    x[:, 0] += 3 * (2 * labels - 1)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-4, weight_decay=0.01), lr=1e-4)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        logits = torch.nn.functional.interpolate(model(x), size=(64, 64), mode="bilinear", align_corners=False)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_any_encoder_trains_under_the_decode_head():
+    model = SegFormer(encoder=PoolEncoder(), num_classes=2)
+    assert model.variant == "custom" and [l.in_features for l in model.decode_head.linear_c] == [8, 16, 24, 32]
+    assert model.decode_head.bn.num_features == 256
+    losses = _train_steps(model, 8)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
+    output = model.eval()(torch.randn(1, 3, 64, 96), output_hidden_states=True)
+    assert output.logits.shape == (1, 2, 16, 24)
+    assert [tuple(h.shape[1:]) for h in output.hidden_states] == [(8, 16, 24), (16, 8, 12), (24, 4, 6), (32, 2, 3)]
+
+
+def test_a_foreign_encoder_is_checked_and_cannot_be_saved_as_transformers(tmp_path):
+    from segformer.errors import CheckpointError
+
+    with pytest.raises(ConfigError, match="out_channels or hidden_sizes"):
+        SegFormer(encoder=torch.nn.Conv2d(3, 8, 3), num_classes=2)
+    wrong = PoolEncoder()
+    wrong.hidden_sizes = (8, 16, 24, 64)  # declares what it does not return
+    with pytest.raises(ValueError, match=r"\[8, 16, 24, 64\] channels"):
+        SegFormer(encoder=wrong, num_classes=2)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(CheckpointError, match="holds only a MiT encoder; this model's encoder is PoolEncoder"):
+        SegFormer(encoder=PoolEncoder(), num_classes=2).save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_custom_encoder_config_builds_and_trains(tmp_path):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from segformer import cli
+    from segformer.model.encoders import ConvEncoder
+    from helpers import ROOT
+
+    cfg = cli.compose(ROOT / "configs", "train", ["model=custom_encoder_example", "data=sample", f"paths.data_dir={tmp_path}"], run_dir=tmp_path / "run")
+    model = instantiate(cfg.model)
+    assert isinstance(model.encoder, ConvEncoder) and model.num_classes == cfg.data.num_classes
+    assert model.encoder.out_channels == (32, 64, 128, 256)
+    losses = _train_steps(model, 5)
+    assert losses[-1] < losses[0]
+    cfg = cli.compose(
+        ROOT / "configs", "train",
+        ["model=custom_encoder_example", "model.pretrained=mit_b0_imagenet"], run_dir=tmp_path / "run",
+    )
+    with pytest.raises(InstantiationException) as error:  # the CLI prints its cause as one line
+        instantiate(cfg.model)
+    assert isinstance(error.value.__cause__, ConfigError)
+    assert "model.pretrained='mit_b0_imagenet' loads a SegFormer with its MiT encoder" in str(error.value.__cause__)
