@@ -259,7 +259,7 @@ def prediction_figure(
     ]
     if (labels >= len(class_names)).any():
         handles.append(Patch(facecolor="white", edgecolor="black", linewidth=0.5, label="no label (not scored)"))
-    columns = 4
+    columns = 4 if len(handles) <= 16 else 6
     legend_rows = -(-len(handles) // columns)
     figure = new_figure(3 * panel, panel * height / width + 0.35 + 0.22 * legend_rows + 0.3)
     grid = figure.subplots(1, 3)

@@ -134,7 +134,8 @@ def write_report(
         "",
         "## Confusion matrix",
         "",
-        "Rows: true class, columns: predicted class, in percent of each true class's pixels.",
+        "Rows: true class, columns: predicted class, in percent of each true class's pixels; grey",
+        "rows: classes absent from the labels.",
     ]
     if len(names) > MAX_MATRIX_CLASSES:
         shown = most_confused_classes(results["confusion_matrix"], MAX_MATRIX_CLASSES)

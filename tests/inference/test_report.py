@@ -81,6 +81,7 @@ def evaluated(tmp_path_factory):
     return base / "eval"
 
 
+@pytest.mark.slow
 def test_eval_writes_a_report_matching_its_metrics(evaluated):
     report = (evaluated / "report.md").read_text()
     metrics = json.loads((evaluated / "metrics.json").read_text())
