@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from segformer.errors import ConfigError, DataError
+from segformer.training.upsampled_ce import upsampled_cross_entropy_sum
 
 AVERAGES = ("all", "labelled")
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -68,14 +69,13 @@ def upsampled_cross_entropy(
 
     ``weight`` multiplies each pixel's loss by its true class's weight; ``average="all"`` divides
     by every pixel (mmseg 0.13, the paper), ``"labelled"`` by the labelled ones (mmseg
-    ``avg_non_ignore``), in both cases without normalising by the weights.
+    ``avg_non_ignore``), in both cases without normalising by the weights. Computed without the
+    full-resolution scores (``segformer.training.upsampled_ce``; same values and gradients).
     """
-    scores = upsampled_scores(logits, labels.shape[-2:])
-    targets = labels.reshape(-1)
-    losses = F.cross_entropy(
-        scores, targets, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
-    return average_pixels(losses, targets != ignore_index, average)
+    total = upsampled_cross_entropy_sum(logits, labels, ignore_index, weight, label_smoothing)
+    if average == "all":
+        return total / max(labels.numel(), 1)
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 def _check_average(average: str) -> str:
