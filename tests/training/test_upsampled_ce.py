@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segformer.training.losses import CrossEntropyLoss
 from segformer.training.upsampled_ce import (
     interpolation_matrix,
     upsampled_cross_entropy_sum,
@@ -79,13 +80,16 @@ def test_gradcheck_float64(size, label_size, band):
 
 
 @pytest.mark.parametrize("average", ["all", "labelled"])
-def test_averaged_as_the_loss_config_says(average):
-    logits, labels = make(2, (8, 8), (32, 32))
+@pytest.mark.parametrize("class_weight,smoothing", [(None, 0.0), ([0.5, 2.0, 1.0, 0.0, 3.0], 0.1)])
+def test_cross_entropy_loss_config_takes_the_fast_path_with_the_same_values(average, class_weight, smoothing):
+    # configs/loss/cross_entropy.yaml (and the cross-entropy term of ce_dice) build this loss.
+    logits, labels = make(2, (7, 9), (27, 35))
+    loss_fn = CrossEntropyLoss(class_weight=class_weight, label_smoothing=smoothing, average=average)
+    weight = None if class_weight is None else torch.tensor(class_weight)
     pixels = labels.numel() if average == "all" else int((labels != 255).sum())
-    scores = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
-    expected = F.cross_entropy(scores, labels, ignore_index=255, reduction="none").sum() / pixels
+    expected = reference(logits, labels, weight, smoothing) / pixels
     (expected_grad,) = torch.autograd.grad(expected, logits)
-    loss = upsampled_cross_entropy_sum(logits, labels) / pixels
+    loss = loss_fn(logits, labels)
     (grad,) = torch.autograd.grad(loss, logits)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
