@@ -320,7 +320,7 @@ def test_each_dataset_brings_its_recipe_and_whole_image_evaluation(name, tmp_pat
     num_classes, steps, batch, crop, scale = RECIPES[name]
     assert cfg.data.num_classes == cfg.model.num_classes == num_classes
     assert cfg.trainer.max_steps == steps and cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
-    assert cfg.trainer.devices * cfg.data.batch_size == batch and cfg.trainer.sync_batchnorm
+    assert cfg.global_batch_size == batch and cfg.data.batch_size is None  # split over the run's devices
     assert list(cfg.data.crop_size) == crop and list(cfg.data.scale) == scale
     assert cfg.data.inference.mode == "whole" and list(cfg.data.inference.scales) == [1.0]
     assert cfg.model.pretrained == "mit_b2_imagenet"
@@ -333,13 +333,11 @@ def test_a_few_training_steps_on_each_dataset(name, tmp_path):
         *TREES[name](tmp_path / "data"),
         f"data.root={tmp_path / 'data'}",
         "data.num_workers=0",
-        "data.batch_size=2",
+        "global_batch_size=2",
         "data.crop_size=[32,32]",
         "data.scale=[64,48]",
         "model.pretrained=null",
         "trainer=cpu",
-        "trainer.devices=1",
-        "trainer.sync_batchnorm=false",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "trainer.num_sanity_val_steps=0",
