@@ -102,7 +102,7 @@ def write_report(
     masks blended in at ``alpha`` with the dataset's ``palette``.
     """
     directory = Path(directory)
-    (directory / "examples").mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     names = list(class_names)
     colours = make_palette(len(names), palette)
     save_figure(per_class_iou_figure(results, names), directory / "per_class_iou.png")
@@ -146,6 +146,7 @@ def write_report(
     lines += ["", "![confusion matrix](confusion_matrix.png)"]
     if samples:
         lines += ["", "## Predictions", "", "Image, ground truth and prediction, colours as in the legend.", ""]
+        (directory / "examples").mkdir(exist_ok=True)
         for sample in samples:
             relative = f"examples/{sample['name']}.png"
             save_figure(prediction_figure(sample, colours, names, alpha), directory / relative)

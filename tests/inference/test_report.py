@@ -16,6 +16,7 @@ from segformer.inference.metrics import scores_from_confusion_matrix
 from segformer.inference.report import describe_inference, per_class_table, write_report
 
 NAMES = ["sky", "road", "car"]
+WHOLE = {"mode": "whole", "scales": [1.0], "flip": False}
 
 
 def _links(report):
@@ -51,7 +52,7 @@ def test_report_has_details_scores_tables_and_existing_pictures(tmp_path):
         None,
         checkpoint="runs/x/best.ckpt",
         dataset="Tiny at `/data`, split `val` (1 images, 3 classes)",
-        inference={"mode": "whole", "scales": [1.0], "flip": False},
+        inference=WHOLE,
         samples=[sample],
     )
     report = path.read_text()
@@ -65,6 +66,11 @@ def test_report_has_details_scores_tables_and_existing_pictures(tmp_path):
     assert links == ["per_class_iou.png", "confusion_matrix.png", "examples/scene 1.png"]
     for link in links:
         assert Image.open(tmp_path / link).size[0] > 300
+
+    without_samples = write_report(
+        tmp_path / "bare", results, NAMES, None, checkpoint="c", dataset="d", inference=WHOLE
+    ).read_text()
+    assert "## Predictions" not in without_samples and not (tmp_path / "bare" / "examples").exists()
 
 
 @pytest.fixture(scope="module")
