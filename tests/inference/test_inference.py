@@ -300,9 +300,12 @@ def test_real_segformer_b0_through_slide_and_whole() -> None:
 # ----------------------------------------------------------------------------- from the original image
 
 
-def _mmseg_multi_scale_flip(model: nn.Module, img: np.ndarray, img_scale: tuple[int, int], ratios, flip: bool):
-    """mmseg 0.13 MultiScaleFlipAug + Resize(keep_ratio) + Normalize + whole inference + aug_test,
-    written out: each ratio rescales the ORIGINAL image (mmcv.imrescale, +0.5 rounding, cv2 bilinear)."""
+def _mmseg_multi_scale_flip(
+    model: nn.Module, img: np.ndarray, img_scale: tuple[int, int], ratios, flip: bool, size_divisor: int | None = None
+):
+    """mmseg 0.13 MultiScaleFlipAug + (NVlabs Aligned)Resize(keep_ratio) + Normalize + whole
+    inference + aug_test, written out: each ratio rescales the ORIGINAL image (mmcv.imrescale, +0.5
+    rounding, cv2 bilinear), then with a divisor resizes again to the sides rounded up to it."""
     mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
     h, w = img.shape[:2]
     total = 0
@@ -311,6 +314,9 @@ def _mmseg_multi_scale_flip(model: nn.Module, img: np.ndarray, img_scale: tuple[
         scale = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
         factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
         resized = cv2.resize(img, (int(w * factor + 0.5), int(h * factor + 0.5)), interpolation=cv2.INTER_LINEAR)
+        if size_divisor:
+            aligned = [-(-side // size_divisor) * size_divisor for side in resized.shape[1::-1]]
+            resized = cv2.resize(resized, tuple(aligned), interpolation=cv2.INTER_LINEAR)
         normalised = ((resized.astype(np.float32) - mean) / std).astype(np.float32)
         tensor = torch.from_numpy(normalised.transpose(2, 0, 1).copy())[None]
         for flipped in (False, True) if flip else (False,):
@@ -324,25 +330,27 @@ def _mmseg_multi_scale_flip(model: nn.Module, img: np.ndarray, img_scale: tuple[
     return (total / passes)[0]
 
 
-def test_multi_scale_flip_resizes_the_original_image_as_mmseg() -> None:
+@pytest.mark.parametrize("size_divisor", [None, 32])
+def test_multi_scale_flip_resizes_the_original_image_as_mmseg(size_divisor) -> None:
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, 90)[None, :, None]
     images = [np.clip(ramp + rng.normal(0, 60, (h, 90, 3)), 0, 255).astype(np.uint8) for h in (61, 47)]
     dataset = [{"image": img, "mask": np.zeros(img.shape[:2], np.uint8), "name": str(i)} for i, img in enumerate(images)]
     ratios, scale = [0.5, 0.75, 1.25], (128, 96)
     config = InferenceConfig(scales=ratios, flip=True)
-    samples = EvalSamples(dataset, eval_transforms(scale, ratios))
+    samples = EvalSamples(dataset, eval_transforms(scale, ratios, size_divisor))
     batch = collate_eval([samples[0], samples[1]])
     assert len(batch["scale_views"]) == 2
     model = stride4_model()
     for img, probs in zip(images, batch_probs(model, batch, config)):
-        expected = _mmseg_multi_scale_flip(model, img, scale, ratios, flip=True)
+        expected = _mmseg_multi_scale_flip(model, img, scale, ratios, flip=True, size_divisor=size_divisor)
         torch.testing.assert_close(probs, expected, rtol=0, atol=1e-5)
     # Rescaling the ratio-1 tensor instead (the old way) is measurably different.
-    ones = EvalSamples(dataset, eval_transforms(scale))[0]["pixel_values"][None]
+    ones = EvalSamples(dataset, eval_transforms(scale, [1.0], size_divisor))[0]["pixel_values"][None]
     rescaled = [F.interpolate(ones, scale_factor=r, mode="bilinear", align_corners=False) for r in ratios]
     old = predict_probs(model, rescaled, images[0].shape[:2], config)
-    assert (old - _mmseg_multi_scale_flip(model, images[0], scale, ratios, flip=True)).abs().max() > 1e-3
+    reference = _mmseg_multi_scale_flip(model, images[0], scale, ratios, flip=True, size_divisor=size_divisor)
+    assert (old - reference).abs().max() > 1e-3
 
 
 def test_data_module_builds_one_view_per_test_scale(tmp_path) -> None:
