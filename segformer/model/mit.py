@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from segformer.errors import ConfigError
 
@@ -173,11 +174,17 @@ class Stage(nn.Module):
             Block(dim, num_heads, sr_ratio, mlp_ratio, drop_paths[i], norm_eps) for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.checkpoint_blocks = False
 
     def forward(self, x: Tensor) -> Tensor:
         x, height, width = self.patch_embed(x)
         for block in self.blocks:
-            x = block(x, height, width)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # Only the block's input is kept; backward recomputes the rest (drop-path draws
+                # replayed from the saved RNG state, so the gradients are the same).
+                x = checkpoint(block, x, height, width, use_reentrant=False)
+            else:
+                x = block(x, height, width)
         return _tokens_to_map(self.norm(x), height, width)
 
 
@@ -231,6 +238,17 @@ class MixTransformer(nn.Module):
     @property
     def hidden_sizes(self) -> tuple[int, int, int, int]:
         return self.config.hidden_sizes
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each block's activations in backward instead of keeping them (less memory,
+        one more block forward per block in training)."""
+        return self.stages[0].checkpoint_blocks
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        for stage in self.stages:
+            stage.checkpoint_blocks = bool(enabled)
 
     def channels_last_maps(self, pixel_values: Tensor) -> list[Tensor]:
         features = []

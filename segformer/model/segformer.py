@@ -72,6 +72,7 @@ class SegFormer(nn.Module):
         decoder_dim: int | None = None,
         decoder_dropout: float = 0.1,
         encoder: nn.Module | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if encoder is None and variant not in MIT_VARIANTS:
@@ -103,6 +104,22 @@ class SegFormer(nn.Module):
             fast=fast_head,
         )
         self.id2label = id2label
+        if activation_checkpointing:
+            self.activation_checkpointing = True
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """MiT's blocks recompute their activations in backward (``model.activation_checkpointing``)."""
+        return self.has_mit_encoder and self.encoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        if not self.has_mit_encoder:
+            raise ConfigError(
+                f"model.activation_checkpointing=true checkpoints MiT's blocks; the encoder {type(self.encoder).__name__} "
+                "is not MiT: set it to false (and checkpoint inside your encoder if it needs to)."
+            )
+        self.encoder.activation_checkpointing = enabled
 
     @property
     def has_mit_encoder(self) -> bool:
@@ -316,6 +333,7 @@ def build_segformer(
     fast_head: bool = True,
     encoder: nn.Module | None = None,
     decoder_dim: int | None = None,
+    activation_checkpointing: bool = False,
 ) -> SegFormer:
     """The Hydra entry point: a new model, or a pretrained one adapted to ``num_classes``.
 
@@ -328,11 +346,15 @@ def build_segformer(
                 f"model.pretrained={pretrained!r} loads a SegFormer with its MiT encoder, but model.encoder "
                 "gives another encoder: load that encoder's own weights inside it and set model.pretrained=null."
             )
-        return SegFormer(num_classes=num_classes, id2label=id2label, fast_head=fast_head, decoder_dim=decoder_dim, encoder=encoder)
+        return SegFormer(
+            num_classes=num_classes, id2label=id2label, fast_head=fast_head, decoder_dim=decoder_dim, encoder=encoder,
+            activation_checkpointing=activation_checkpointing,
+        )
     if pretrained:
         try:
             model = SegFormer.from_pretrained(
-                pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, fast_head=fast_head
+                pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, fast_head=fast_head,
+                activation_checkpointing=activation_checkpointing,
             )
         except CheckpointError as error:  # e.g. offline with a hub id: name the key and the ways out
             raise CheckpointError(
@@ -348,5 +370,6 @@ def build_segformer(
             model.id2label = id2label
         return model
     return SegFormer(
-        variant, num_classes, id2label=id2label, drop_path_rate=drop_path_rate, fast_head=fast_head, decoder_dim=decoder_dim
+        variant, num_classes, id2label=id2label, drop_path_rate=drop_path_rate, fast_head=fast_head, decoder_dim=decoder_dim,
+        activation_checkpointing=activation_checkpointing,
     )
