@@ -56,6 +56,7 @@ TRANSFORMERS_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"decode_head\.linear_fuse", "decode_head.linear_fuse"),
     (r"decode_head\.bn", "decode_head.batch_norm"),
     (r"decode_head\.classifier", "decode_head.classifier"),
+    (r"classifier", "classifier"),  # MiTForImageClassification's ImageNet classifier
 ]
 
 # Native module path -> transformers 5.x in-memory names (``model.state_dict()`` there; its
@@ -81,6 +82,7 @@ TRANSFORMERS_MODULE_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"decode_head\.linear_fuse", "decode_head.linear_fuse"),
     (r"decode_head\.bn", "decode_head.batch_norm"),
     (r"decode_head\.classifier", "decode_head.classifier"),
+    (r"classifier", "classifier"),
 ]
 
 # Native module path -> NVlabs names; stages and head inputs count from 1 there ({s1}, {c1}).
@@ -102,6 +104,7 @@ NVLABS_KEYS: list[tuple[str, str | tuple[str, str]]] = [
     (r"decode_head\.linear_fuse", "decode_head.linear_fuse.conv"),
     (r"decode_head\.bn", "decode_head.linear_fuse.bn"),
     (r"decode_head\.classifier", "decode_head.linear_pred"),
+    (r"classifier", "backbone.head"),  # mit_b*.pth: head.* (normalize_keys adds backbone.)
 ]
 
 
@@ -121,7 +124,8 @@ FORMATS = {
     "transformers": Format(TRANSFORMERS_KEYS, re.compile(r"^classifier\."), 1e-5),
     "transformers-modules": Format(TRANSFORMERS_MODULE_KEYS, re.compile(r"^classifier\."), 1e-5),
     "nvlabs": Format(NVLABS_KEYS, re.compile(r"^(backbone\.head\.|decode_head\.conv_seg\.|auxiliary_head\.)"), 1e-6),
-    "native": Format([], re.compile(r"$^"), 1e-6),
+    # A classifier of ours (MiTForImageClassification) starts a SegFormer as nvidia/mit-b* does.
+    "native": Format([], re.compile(r"^classifier\."), 1e-6),
 }
 
 # Our own key in config.json recording the eps a model was trained with.
@@ -334,6 +338,9 @@ def _read_file(path: Path) -> Checkpoint:
     if not isinstance(raw, dict):
         raise CheckpointError(f"Checkpoint {str(path)!r} holds a {type(raw).__name__}, not a state dict.")
     meta = raw.get("segformer") if isinstance(raw.get("segformer"), dict) else {}
+    # A train.py checkpoint with callbacks=[default,ema] (Lightning's WeightAveraging) holds the
+    # averaged weights as state_dict, the raw training ones as current_model_state: we take the
+    # averaged, which validation scored.
     state_dict = raw.get("state_dict", raw)
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"Checkpoint {str(path)!r} has no state dict of tensors.")
@@ -454,7 +461,8 @@ def transformers_config(model: SegFormer) -> dict[str, Any]:
     }
 
 
-def save_transformers(model: SegFormer, directory: str | os.PathLike) -> None:
+def save_transformers(model: SegFormer, directory: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
+    """Weights under transformers' names + ``config`` (default: the segmentation model's config.json)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -467,4 +475,4 @@ def save_transformers(model: SegFormer, directory: str | os.PathLike) -> None:
         )
     tensors = {k: v.detach().cpu() for k, v in export_state_dict(model, "transformers").items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(transformers_config(model), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config or transformers_config(model), indent=2) + "\n")

@@ -109,11 +109,9 @@ def _assert_same_training_state(resumed: dict, reference: dict) -> None:
     assert all(torch.equal(ours[k]["exp_avg_sq"], theirs[k]["exp_avg_sq"]) for k in theirs)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def _reference_run(base: Path, data: Path, *extra: str) -> dict:
     """An uninterrupted run (in this process: the same computation, without a start-up)."""
-    base = tmp_path_factory.mktemp("reference")
-    cfg = cli.compose(ROOT / "configs", "train", _overrides(base / "sample"), run_dir=base / "run")
+    cfg = cli.compose(ROOT / "configs", "train", _overrides(data, *extra), run_dir=base / "run")
     sys.path.insert(0, str(ROOT))
     import train
 
@@ -124,9 +122,25 @@ def reference(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for the process
-    return {"checkpoint": _load(base / "run"), "data": base / "sample", "run": base / "run"}
+    return {"checkpoint": _load(base / "run"), "data": data, "run": base / "run"}
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    base = tmp_path_factory.mktemp("reference")
+    return _reference_run(base, base / "sample")
+
+
+# Weight averaging, with a decay that makes the average far from the training weights.
+EMA = ("callbacks=[default,ema]", "callbacks.ema.decay=0.5")
+
+
+@pytest.fixture(scope="module")
+def ema_reference(tmp_path_factory, reference):
+    return _reference_run(tmp_path_factory.mktemp("ema_reference"), reference["data"], *EMA)
+
+
+@pytest.mark.slow
 def test_killed_while_saving_then_at_a_random_step_the_run_ends_bitwise_identical(reference, tmp_path):
     run = tmp_path / "run"
     # Killed half-way through the second save (last.ckpt at step 4): the one of step 2 survives.
@@ -151,12 +165,38 @@ def test_killed_while_saving_then_at_a_random_step_the_run_ends_bitwise_identica
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow
+def test_with_ema_a_run_killed_at_a_random_step_resumes_bitwise(ema_reference, tmp_path):
+    run = tmp_path / "run"
+    step = random.randint(3, MAX_STEPS - 1)  # after the checkpoint of step 2
+    phase = random.choice(["batch_start", "before_optimizer_step", "batch_end"])
+    where = f"kill at step {step}, {phase}"
+    killed = _train(run, ema_reference["data"], *EMA, KILL_STEP=str(step), KILL_PHASE=phase)
+    assert killed.returncode == -9, (where, killed.stderr[-3000:])
+    resumed = _train(run, ema_reference["data"], *EMA, "ckpt_path=last")
+    assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
+    assert "Restored all states" in resumed.stdout + resumed.stderr, where
+
+    ours, theirs = _load(run), ema_reference["checkpoint"]
+    _assert_same_training_state(ours, theirs)  # state_dict: the averaged weights
+    for key in ("current_model_state", "averaging_state"):
+        assert ours[key].keys() == theirs[key].keys(), key
+        assert all(torch.equal(ours[key][k], v) for k, v in theirs[key].items()), (where, key)
+    assert theirs["averaging_state"]["n_averaged"].item() == MAX_STEPS
+    averaged, current = theirs["state_dict"], theirs["current_model_state"]
+    assert sum(not torch.equal(averaged[k], current[k]) for k in averaged) > len(averaged) // 2
+    # eval.py, predict.py and export (SegFormer.from_pretrained) read the averaged weights.
+    model = SegFormer.from_pretrained(run / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(v, averaged[f"model.{k}"]) for k, v in model.state_dict().items())
+
+
 def _module(variant: str = "b0", num_classes: int = 7) -> SegFormerModule:
     model = SegFormer(variant, num_classes=num_classes)
     model.id2label = {k: str(k) for k in range(num_classes)}
     return SegFormerModule(model)
 
 
+@pytest.mark.slow
 def test_resume_paths(reference, tmp_path):
     run = reference["run"]
     last = str(run / "checkpoints" / "last.ckpt")
@@ -169,6 +209,7 @@ def test_resume_paths(reference, tmp_path):
     resume.check_resumable(last, _module())
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_refused_with_one_message(reference, tmp_path):
     last = reference["run"] / "checkpoints" / "last.ckpt"
     with pytest.raises(CheckpointError, match=r"holds SegFormer-b0 with 7 classes, not .*SegFormer-b0 with 19"):
@@ -187,6 +228,7 @@ def test_bad_checkpoints_are_refused_with_one_message(reference, tmp_path):
         resume.check_resumable(str(weights), _module())
 
 
+@pytest.mark.slow
 def test_train_py_refuses_a_checkpoint_of_another_model_and_writes_nothing(reference, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
