@@ -3,9 +3,10 @@
 from typing import Any
 
 from segformer.model import MixTransformer, SegFormer, build_segformer
+from segformer.model.classifier import MiTForImageClassification
 from segformer.model.presets import PRESETS, list_presets
 
-__all__ = ["PRESETS", "MixTransformer", "SegFormer", "SegFormerImageProcessor", "build_segformer", "list_presets"]
+__all__ = ["PRESETS", "MiTForImageClassification", "MixTransformer", "SegFormer", "SegFormerImageProcessor", "build_segformer", "list_presets"]
 
 
 def __getattr__(name: str) -> Any:
