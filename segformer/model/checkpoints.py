@@ -338,6 +338,9 @@ def _read_file(path: Path) -> Checkpoint:
     if not isinstance(raw, dict):
         raise CheckpointError(f"Checkpoint {str(path)!r} holds a {type(raw).__name__}, not a state dict.")
     meta = raw.get("segformer") if isinstance(raw.get("segformer"), dict) else {}
+    # A train.py checkpoint with callbacks=[default,ema] (Lightning's WeightAveraging) holds the
+    # averaged weights as state_dict, the raw training ones as current_model_state: we take the
+    # averaged, which validation scored.
     state_dict = raw.get("state_dict", raw)
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"Checkpoint {str(path)!r} has no state dict of tensors.")
