@@ -17,9 +17,7 @@ import argparse
 import copy
 import json
 import logging
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,9 +28,10 @@ from pathlib import Path
 import torch
 
 from segformer import SegFormer
+from segformer.benchmark import peak_rss_mib, reset_peak_rss_mib
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
-from segformer.training.losses import upsampled_cross_entropy
+from segformer.training.losses import CrossEntropyLoss
 
 
 def transformers_model(variant: str, num_labels: int, directory: Path):
@@ -72,14 +71,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device: str):
+def transformers_loss(model, x, labels):
+    """transformers' own loss (labels=): upsampled logits, cross-entropy averaged over labelled pixels."""
+    return model(pixel_values=x, labels=labels).loss
+
+
+OUR_LOSS = CrossEntropyLoss()  # configs/loss/cross_entropy.yaml (the fused loss)
+
+
+def segformer_loss(model, x, labels):
+    return OUR_LOSS(model(x), labels)
+
+
+def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device: str, loss_fn=segformer_loss):
     def run():
         with torch.autocast(device_type=device, dtype=autocast, enabled=autocast is not None):
             if not train:
                 with torch.inference_mode():
                     return logits_of(model, x)
-            # The same loss code for both: cross-entropy on logits upsampled to the labels.
-            loss = upsampled_cross_entropy(logits_of(model, x), labels)
+            # Each side with its own loss (the labels have no ignored pixel: both averages agree).
+            loss = loss_fn(model, x, labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss
@@ -107,8 +118,9 @@ def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         theirs, ours = load_pair(variant, args.num_classes, Path(tmp), device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, args.num_classes, (batch, size, size), device=device)
+    width = args.width or size
+    x = torch.randn(batch, 3, size, width, device=device)
+    labels = torch.randint(0, args.num_classes, (batch, size, width), device=device)
     for model in (theirs, ours):
         model.train(train)
     if not train:
@@ -116,10 +128,10 @@ def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
             error = (logits_of(theirs, x).float() - logits_of(ours, x).float()).abs().max().item()
     else:
         error = float("nan")
-    fns = {"transformers": step_fn(theirs, x, labels, train, autocast, device)}
+    fns = {"transformers": step_fn(theirs, x, labels, train, autocast, device, transformers_loss)}
     if args.compile:
         ours = torch.compile(ours)
-        fns["transformers"] = step_fn(torch.compile(theirs), x, labels, train, autocast, device)
+        fns["transformers"] = step_fn(torch.compile(theirs), x, labels, train, autocast, device, transformers_loss)
     fns["segformer"] = step_fn(ours, x, labels, train, autocast, device)
     if args.reference_head and not args.compile:
         ours_ref_head = copy.deepcopy(ours)
@@ -127,7 +139,7 @@ def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
         fns["segformer (reference head)"] = step_fn(ours_ref_head, x, labels, train, autocast, device)
     times = time_alternately(fns, args.repeat, device)
     return {
-        "task": f"{'train step' if train else 'inference'} {variant} {size}x{size} batch {batch}",
+        "task": f"{'train step' if train else 'inference'} {variant} {size}x{width} batch {batch}, {args.num_classes} classes",
         "times": times,
         "speedup": times["transformers"] / times["segformer"],
         "max_abs_logit_diff": error,
@@ -163,7 +175,8 @@ def peak_memory(args, variant: str, size: int, batch: int) -> dict[str, float]:
         out = subprocess.run(
             [sys.executable, __file__, "--_memory-child", impl, "--variant", variant, "--size", str(size),
              "--batch", str(batch), "--device", args.device, "--dtype", args.dtype,
-             "--num-classes", str(args.num_classes)],
+             "--num-classes", str(args.num_classes), "--width", str(args.width or size)]
+            + (["--activation-checkpointing"] if args.activation_checkpointing else []),
             capture_output=True, text=True, check=True,
         )
         peaks[impl] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -175,12 +188,16 @@ def memory_child(args) -> None:
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         theirs, ours = load_pair(args.variant, args.num_classes, Path(tmp), device)
-    model = theirs if args._memory_child == "transformers" else ours
+    is_ours = args._memory_child == "segformer"
+    model = ours if is_ours else theirs
     del theirs, ours
     model.train()
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, args.num_classes, (args.batch, args.size, args.size), device=device)
-    step = step_fn(model, x, labels, True, autocast, device)
+    if args.activation_checkpointing and is_ours:
+        model.encoder.activation_checkpointing = True
+    width = args.width or args.size
+    x = torch.randn(args.batch, 3, args.size, width, device=device)
+    labels = torch.randint(0, args.num_classes, (args.batch, args.size, width), device=device)
+    step = step_fn(model, x, labels, True, autocast, device, segformer_loss if is_ours else transformers_loss)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -188,22 +205,19 @@ def memory_child(args) -> None:
         step()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        base = _rss_mib()
+        base = reset_peak_rss_mib()
         step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        peak = peak_rss_mib() - base
     print(json.dumps({"peak_mib": round(peak, 1)}))
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["infer", "train", "memory", "slide"], help="run one measurement")
     parser.add_argument("--variant", default=None, help="variant for --only (default: the headline set)")
-    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None, help="image height (and width unless --width)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--activation-checkpointing", action="store_true", help="--only memory: ours with model.activation_checkpointing")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +253,8 @@ def main() -> None:
     for kind, variant, size, batch in plan:
         if kind == "memory":
             peaks = peak_memory(args, variant, size, batch)
-            row = f"| peak memory, train step {variant} {size}x{size} batch {batch} | {peaks['transformers']:.0f} MiB | {peaks['segformer']:.0f} MiB | {peaks['transformers'] / peaks['segformer']:.2f}x less | |"
+            checkpointing = ", activation checkpointing" if args.activation_checkpointing else ""
+            row = f"| peak memory, train step {variant} {size}x{args.width or size} batch {batch}{checkpointing} | {peaks['transformers']:.0f} MiB | {peaks['segformer']:.0f} MiB | {peaks['segformer'] / peaks['transformers']:.2f}x of transformers' | |"
             results.append({"task": f"peak memory train {variant} {size} batch {batch}", "peak_mib": peaks})
         else:
             result = slide(args, variant) if kind == "slide" else compare(args, variant, size, batch, train=kind == "train")

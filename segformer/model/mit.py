@@ -215,7 +215,7 @@ class MixTransformer(nn.Module):
         self.config = config
         self.norm_eps = norm_eps
         # Drop-path rates rise linearly from 0 over all blocks of all stages.
-        rates = torch.linspace(0, drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(config.depths), device="cpu").tolist()  # cpu: buildable on meta
         self.stages = nn.ModuleList()
         for i, depth in enumerate(config.depths):
             start = sum(config.depths[:i])
