@@ -38,16 +38,21 @@ def train(cfg: DictConfig) -> float | None:
     classes = datamodule.classes
     model = hydra.utils.instantiate(cfg.model)
     model.id2label = dict(enumerate(classes))
-    module = SegFormerModule(
-        model,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler),
-        loss=hydra.utils.instantiate(cfg.loss),
-        inference=datamodule.inference,
-        ignore_index=datamodule.ignore_index,
-        compile=cfg.compile,
-        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
-    )
+    if "module" in cfg:  # another task's LightningModule (train_cls.yaml: classification)
+        module = hydra.utils.instantiate(cfg.module)(
+            model, optimizer=hydra.utils.instantiate(cfg.optimizer), scheduler=hydra.utils.instantiate(cfg.scheduler)
+        )
+    else:
+        module = SegFormerModule(
+            model,
+            optimizer=hydra.utils.instantiate(cfg.optimizer),
+            scheduler=hydra.utils.instantiate(cfg.scheduler),
+            loss=hydra.utils.instantiate(cfg.loss),
+            inference=datamodule.inference,
+            ignore_index=datamodule.ignore_index,
+            compile=cfg.compile,
+            max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+        )
     loggers = cli.instantiate_loggers(cfg.get("logger"))
     callbacks = cli.instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     # Checkpoints are written to a temporary file and renamed: a kill while saving keeps the last one.
@@ -68,11 +73,12 @@ def train(cfg: DictConfig) -> float | None:
         # The next job of a multirun must not log into this job's W&B run.
         cli.finish_loggers(loggers)
 
-    best = cli.best_checkpoint(callbacks, "val/mIoU")
-    score = best.best_model_score if best is not None else trainer.callback_metrics.get("val/mIoU")
+    objective = cfg.get("objective", "val/mIoU")
+    best = cli.best_checkpoint(callbacks, objective)
+    score = best.best_model_score if best is not None else trainer.callback_metrics.get(objective)
     if trainer.is_global_zero:
         where = f" ({best.best_model_path})" if best is not None and best.best_model_path else ""
-        print(f"Best val/mIoU: {float(score):.4f}{where}" if score is not None else "No validation ran.")
+        print(f"Best {objective}: {float(score):.4f}{where}" if score is not None else "No validation ran.")
         print(f"Run folder: {cfg.paths.output_dir}")
     return float(score) if score is not None else None
 
