@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -304,6 +305,8 @@ class SegDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        # Lightning calls a mid-epoch resume unreliable unless the loader has state_dict(); ours is exact.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         samples = TrainSamples(self.dataset(self.splits["train"]), self.train_transform, self.skip_bad_samples)
         self._train_sampler = ResumableSampler(samples)
         if self._sampler_state is not None:
