@@ -27,15 +27,13 @@ def user_error_message(error: BaseException) -> str | None:
     cause = _user_cause(error)
     if cause is not None:
         return _clean_worker_message(str(cause))
+    refusal = _constructor_refusal(error)
+    if refusal is not None:
+        key, refused = refusal
+        return f"{key or 'config'}: {_one_line(str(refused))}"
     if isinstance(error, InstantiationException):
-        # A constructor refusing its arguments (Lightning's Trainer: precision=17, devices=abc).
-        refused = error.__cause__
-        if refused is None:
-            return _one_line(str(error))
-        if isinstance(refused, (TypeError, ValueError, ImportError, MisconfigurationException)):
-            key = _instantiated_key(error)
-            return f"{key or 'config'}: {_one_line(str(refused))}"
-        return None
+        # Hydra's own (a _target_ that does not exist); with a cause other than a refusal, a bug.
+        return _one_line(str(error)) if error.__cause__ is None else None
     if isinstance(error, MissingConfigException):
         return _missing_config_message(error)
     if isinstance(error, OverrideParseException):
@@ -59,14 +57,28 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _instantiated_key(error: InstantiationException) -> str | None:
-    """The config key whose ``_target_`` raised: ``full_key`` of Hydra's frame that wrapped it."""
-    frame = error.__traceback__
-    key = None
-    while frame is not None:
-        key = frame.tb_frame.f_locals.get("full_key", key)
-        frame = frame.tb_next
-    return key or None
+# What a constructor raises when it refuses its arguments (Lightning's Trainer: precision=17).
+REFUSALS = (TypeError, ValueError, ImportError, MisconfigurationException)
+
+
+def _constructor_refusal(error: BaseException) -> tuple[str | None, BaseException] | None:
+    """(config key, error) when a ``_target_`` called by Hydra's instantiate refused its
+    arguments: Hydra 1.3 wraps the error in an InstantiationException, 1.4 lets it through. The
+    key is ``full_key`` of Hydra's ``_call_target`` frame on the way."""
+    refused = error.__cause__ if isinstance(error, InstantiationException) else error
+    if not isinstance(refused, REFUSALS):
+        return None
+    frames = []
+    trace = error.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    calls = [
+        f for f in frames if f.f_code.co_name == "_call_target" and f.f_globals.get("__name__", "").startswith("hydra.")
+    ]
+    if not calls:
+        return None
+    return calls[-1].f_locals.get("full_key") or None, refused
 
 
 def _user_cause(error: BaseException) -> UserError | None:

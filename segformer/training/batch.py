@@ -17,7 +17,7 @@ from lightning.pytorch.accelerators import (
     CUDAAccelerator,
     MPSAccelerator,
 )
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from segformer.errors import ConfigError
 
@@ -130,7 +130,10 @@ def configure_batch(cfg: DictConfig) -> BatchPlan:
     ``trainer.sync_batchnorm`` where the config leaves them null, from ``global_batch_size``,
     ``max_batch_per_device`` and the devices of this run."""
     trainer = cfg.trainer
-    devices = count_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+    given_devices = trainer.get("devices", "auto")
+    if isinstance(given_devices, ListConfig):  # trainer.devices=[0,1]: GPU indices
+        given_devices = list(given_devices)
+    devices = count_devices(trainer.get("accelerator", "auto"), given_devices)
     num_nodes = int(trainer.get("num_nodes") or 1)
     values = {
         "global_batch_size": cfg.get("global_batch_size"),

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from segformer import SegFormer, cli
+from segformer.errors import ConfigError
 from helpers import malicious_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def _folder_dataset(root: Path, splits: dict[str, int]) -> Path:
     "overrides, expected",
     [
         # wrong choices
-        (["data=ade21k"], "Valid choices for 'data': ade20k, cityscapes, coco_stuff, folder, hf, mapillary, sample, voc."),
+        (["data=ade21k"], "Valid choices for 'data': ade20k, cityscapes, "),
         (["trainer=tpu"], "Valid choices for 'trainer': cpu, ddp"),
         # wrong types
         (["trainer.max_steps=many"], "trainer.max_steps='many' (trainer.max_steps takes a number"),
@@ -96,6 +97,8 @@ def test_train_mistakes(monkeypatch, capsys, run_folder, data, overrides, expect
         data = []  # the sample dataset's keys
     err = _fails(monkeypatch, capsys, "train", run_folder, *data, *overrides)
     assert expected in err
+    if "data=ade21k" in overrides:
+        assert "sample" in err and ", base," not in err  # base.yaml is what the choices extend
     if "optimizer.lr='fast'" in expected:
         assert "data.batch_size='two'" in err  # every wrong value at once
     after = _contents(run_folder)
@@ -192,3 +195,17 @@ def test_offline_the_pretrained_encoder_is_named_with_the_ways_out(monkeypatch, 
     err = _fails(monkeypatch, capsys, "train", tmp_path / "b", *common, f"data.root={_cityscapes(tmp_path / 'cs')}")
     assert "model.pretrained=" in err and "nvidia/mit-b0" in err
     assert "model.pretrained=<transformers folder or .pth file>" in err and "model.pretrained=null" in err
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ({"drop_path_rate": 1.0}, r"drop_path_rate=1.0 \(model.drop_path_rate\) is out of range.*\[0, 1\)"),
+        ({"drop_path_rate": -0.1}, r"model.drop_path_rate"),
+        ({"decoder_dropout": 1.5}, r"decoder_dropout=1.5 \(model.decoder_dropout\) is out of range.*\[0, 1\)"),
+        ({"norm_eps": 0.0}, r"norm_eps=0.0 \(model.norm_eps\) must be > 0"),
+    ],
+)
+def test_out_of_range_model_settings_are_refused_where_they_are_read(setting, expected):
+    with pytest.raises(ConfigError, match=expected):
+        SegFormer("b0", num_classes=2, **setting)

@@ -1,6 +1,7 @@
 """The recipe's global batch on any number of devices: the per-device batch and accumulation
 derived from it, explicit settings winning, the line stating it, and real runs that keep it."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_the_paper_setting_composes_for_one_cpu_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_python_train_py_model_b2_data_ade20k_starts_on_one_cpu_process(tmp_path, capsys):
+def test_python_train_py_model_b2_data_ade20k_starts_on_one_cpu_process(tmp_path, caplog):
     """The README's first command, on a tiny ADE20K tree, from scratch, for one step."""
     root = _ade20k(tmp_path / "ade")
     cfg = cli.compose(
@@ -124,9 +125,11 @@ def test_python_train_py_model_b2_data_ade20k_starts_on_one_cpu_process(tmp_path
         ],
         run_dir=tmp_path / "run",
     )
-    load_script("train").train(cfg)
-    out = capsys.readouterr()
-    assert "global batch 16 = 1 device x 16 per device x 1 accumulation step" in out.out + out.err
+    with caplog.at_level(logging.INFO):
+        load_script("train").train(cfg)
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 1  # one CPU process here
+    assert str(plan_batch(16, devices)) in caplog.text
+    assert devices > 1 or "global batch 16 = 1 device x 16 per device x 1 accumulation step" in caplog.text
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
 
 
@@ -140,7 +143,7 @@ def _sample_run(tmp_path: Path, name: str, *overrides: str) -> tuple[str, dict]:
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "callbacks.rich_model_summary=null",
             "callbacks.rich_progress_bar=null", "logger=csv", *overrides,
         ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr, torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

@@ -5,8 +5,10 @@ import csv
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
 import yaml
+from packaging.version import Version
 
 from segformer import cli
 from helpers import ROOT, load_script, tiny_sample_overrides
