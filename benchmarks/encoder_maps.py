@@ -25,7 +25,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = SegFormer("b0", num_classes=150).eval()
     x = torch.randn(1, 3, 512, 512)
-    times: dict[str, list[float]] = {"forward (channels-last maps)": [], "forward (contiguous maps)": [], "the four copies": []}
+    times: dict[str, list[float]] = {
+        "forward (channels-last maps)": [],
+        "forward (contiguous maps)": [],
+        "the four copies": [],
+    }
     with torch.no_grad():
         for i in range(args.repeats + 2):
             start = time.perf_counter()

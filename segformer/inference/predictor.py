@@ -1,7 +1,8 @@
 """A trained model together with the preprocessing and inference it was evaluated with.
 
-predict.py segments image files with a ``Predictor``; ``segformer.export`` writes one out with a
-preprocessor config and a model card. The settings come, in this order, from the command line
+predict.py segments image files with a ``Predictor`` through ``segment``, the engine
+``SegFormer.predict`` runs too; ``segformer.export`` writes a predictor out with a preprocessor
+config and a model card. The settings come, in this order, from the command line
 (``scale=``, ``inference.<key>=``), from a dataset config (``data=<name>``), from the training run
 the checkpoint belongs to (``<run>/.hydra/config.yaml``), or else from the paper's ADE20K test
 setting. Only an explicit dataset gives the class palette and the dataset's own label ids (its
@@ -132,6 +133,7 @@ class Predictor:
             f"SegFormer-{self.model.variant.upper()}, {self.model.num_classes} classes, on {self.device}; "
             f"resize to fit {list(p.scale)}{divisor}, {mode} inference{extras} (settings from {self.settings_from})"
         )
+
 
 def load_predictor(
     ckpt_path: str | os.PathLike,
@@ -347,7 +349,11 @@ def segment(
     device = next(model.parameters()).device
     files = ImageFiles(images, preprocessing.transforms(inference.scales))
     loader = DataLoader(
-        files, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images, pin_memory=device.type == "cuda"
+        files,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
     )
     for batch in loader:
         if not batch["paths"]:
@@ -395,7 +401,9 @@ def predict_images(
         (output / kind).mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     with tqdm(total=len(images), unit="image", disable=not progress) as bar:
-        batches = segment(predictor.model, images, predictor.preprocessing, predictor.inference, batch_size, num_workers)
+        batches = segment(
+            predictor.model, images, predictor.preprocessing, predictor.inference, batch_size, num_workers
+        )
         for batch, preds in batches:
             for path, reason in batch["failed"]:
                 tqdm.write(f"skipped {reason}", file=sys.stderr)
@@ -404,5 +412,3 @@ def predict_images(
                 write_outputs(predictor, output, path, image, pred.cpu().numpy(), overlay_alpha)
             bar.update(len(batch["paths"]) + len(batch["failed"]))
     return failed
-
-

@@ -100,9 +100,18 @@ def _label_array(label: Any) -> np.ndarray:
     label = np.asarray(label)
     if label.ndim == 3 and 1 in (label.shape[0], label.shape[-1]):
         label = label.reshape(label.shape[1:] if label.shape[0] == 1 else label.shape[:-1])
-    if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer) and not np.issubdtype(label.dtype, np.floating):
+    if label.ndim != 2 or not (np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.floating)):
         raise DataError(f"A segmentation map must be one H x W array of class ids, got shape {label.shape}.")
     return label.astype(np.int64)
+
+
+def _label_list(maps: Any) -> list[Any]:
+    """One (H, W) map, a list of maps or a (B, H, W) array/tensor, as a list of maps."""
+    if isinstance(maps, (list, tuple)):
+        return list(maps)
+    if isinstance(maps, (np.ndarray, Tensor)) and maps.ndim == 3:
+        return list(maps)
+    return [maps]
 
 
 def is_single_image(images: Any) -> bool:
@@ -186,8 +195,18 @@ class SegFormerImageProcessor:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> SegFormerImageProcessor:
-        keys = ("do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                "image_mean", "image_std", "do_reduce_labels", "size_divisor")
+        keys = (
+            "do_resize",
+            "size",
+            "resample",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "image_mean",
+            "image_std",
+            "do_reduce_labels",
+            "size_divisor",
+        )
         settings = {k: config[k] for k in keys if k in config}
         if "reduce_labels" in config and "do_reduce_labels" not in config:  # older transformers files
             settings["do_reduce_labels"] = config["reduce_labels"]
@@ -252,7 +271,7 @@ class SegFormerImageProcessor:
         out: dict[str, Any] = {}
         out["pixel_values"], sizes, padded = _stack(pixel_values, 0.0)
         if segmentation_maps is not None:
-            maps = as_image_list(segmentation_maps) if not isinstance(segmentation_maps, np.ndarray) or segmentation_maps.ndim != 3 else list(segmentation_maps)
+            maps = _label_list(segmentation_maps)
             if len(maps) != len(arrays):
                 raise DataError(f"Got {len(arrays)} image(s) but {len(maps)} segmentation map(s).")
             labels = [self._label(_label_array(m), a.shape[:2]) for m, a in zip(maps, arrays)]
@@ -271,7 +290,9 @@ class SegFormerImageProcessor:
 
     def _image(self, array: np.ndarray) -> Tensor:
         if self.do_resize:
-            array = self._keep_ratio()(image=array)["image"] if self.keeps_ratio else self._resize_pil(array, self.resample)
+            array = (
+                self._keep_ratio()(image=array)["image"] if self.keeps_ratio else self._resize_pil(array, self.resample)
+            )
         values = array.astype(np.float32)
         if self.do_rescale:
             values = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
@@ -316,7 +337,9 @@ class SegFormerImageProcessor:
             )
         sizes = target_sizes.tolist() if isinstance(target_sizes, Tensor) else target_sizes
         return [
-            F.interpolate(logits[i : i + 1], size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)[0].argmax(dim=0)
+            F.interpolate(logits[i : i + 1], size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)[
+                0
+            ].argmax(dim=0)
             for i, size in enumerate(sizes)
         ]
 

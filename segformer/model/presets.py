@@ -12,8 +12,22 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-ADE20K_MIOU = {"b0": (37.4, 38.0), "b1": (42.2, 43.1), "b2": (46.5, 47.5), "b3": (49.4, 50.0), "b4": (50.3, 51.1), "b5": (51.0, 51.8)}
-CITYSCAPES_MIOU = {"b0": (76.2, 78.1), "b1": (78.5, 80.0), "b2": (81.0, 82.2), "b3": (81.7, 83.3), "b4": (82.3, 83.9), "b5": (82.4, 84.0)}
+ADE20K_MIOU = {
+    "b0": (37.4, 38.0),
+    "b1": (42.2, 43.1),
+    "b2": (46.5, 47.5),
+    "b3": (49.4, 50.0),
+    "b4": (50.3, 51.1),
+    "b5": (51.0, 51.8),
+}
+CITYSCAPES_MIOU = {
+    "b0": (76.2, 78.1),
+    "b1": (78.5, 80.0),
+    "b2": (81.0, 82.2),
+    "b3": (81.7, 83.3),
+    "b4": (82.3, 83.9),
+    "b5": (82.4, 84.0),
+}
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 
 
@@ -39,11 +53,40 @@ def _presets() -> list[Preset]:
     out = []
     for v in VARIANTS:
         crop = 640 if v == "b5" else 512
-        out.append(Preset(f"segformer_{v}_ade20k_{crop}", f"nvidia/segformer-{v}-finetuned-ade-{crop}-{crop}", v, "ADE20K", (crop, crop), 150, ADE20K_MIOU[v]))
+        out.append(
+            Preset(
+                f"segformer_{v}_ade20k_{crop}",
+                f"nvidia/segformer-{v}-finetuned-ade-{crop}-{crop}",
+                v,
+                "ADE20K",
+                (crop, crop),
+                150,
+                ADE20K_MIOU[v],
+            )
+        )
     for v in VARIANTS:
-        out.append(Preset(f"segformer_{v}_cityscapes_1024", f"nvidia/segformer-{v}-finetuned-cityscapes-1024-1024", v, "Cityscapes", (1024, 1024), 19, CITYSCAPES_MIOU[v]))
+        out.append(
+            Preset(
+                f"segformer_{v}_cityscapes_1024",
+                f"nvidia/segformer-{v}-finetuned-cityscapes-1024-1024",
+                v,
+                "Cityscapes",
+                (1024, 1024),
+                19,
+                CITYSCAPES_MIOU[v],
+            )
+        )
     for name, (h, w) in (("512x1024", (512, 1024)), ("640x1280", (640, 1280)), ("768", (768, 768))):
-        out.append(Preset(f"segformer_b0_cityscapes_{name}", f"nvidia/segformer-b0-finetuned-cityscapes-{h}-{w}", "b0", "Cityscapes", (h, w), 19))
+        out.append(
+            Preset(
+                f"segformer_b0_cityscapes_{name}",
+                f"nvidia/segformer-b0-finetuned-cityscapes-{h}-{w}",
+                "b0",
+                "Cityscapes",
+                (h, w),
+                19,
+            )
+        )
     for v in VARIANTS:
         out.append(Preset(f"mit_{v}_imagenet", f"nvidia/mit-{v}", v, "ImageNet-1K", (224, 224), 1000))
     return out

@@ -35,6 +35,10 @@ class SegFormerOutput:
     hidden_states: tuple[Tensor, ...]
 
 
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def encoder_channels(encoder: nn.Module) -> tuple[int, ...]:
     """The channels of the four maps an encoder returns, from ``out_channels`` or ``hidden_sizes``."""
     channels = getattr(encoder, "out_channels", None) or getattr(encoder, "hidden_sizes", None)
@@ -88,7 +92,9 @@ class SegFormer(nn.Module):
             )
         if encoder is None:
             self.variant = variant
-            self.encoder: nn.Module = MixTransformer(MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, norm_eps=norm_eps)
+            self.encoder: nn.Module = MixTransformer(
+                MIT_VARIANTS[variant], drop_path_rate=drop_path_rate, norm_eps=norm_eps
+            )
             channels, default_dim = MIT_VARIANTS[variant].hidden_sizes, DECODER_DIMS[variant]
         else:
             if not isinstance(encoder, nn.Module):
@@ -162,7 +168,7 @@ class SegFormer(nn.Module):
         """What it takes to rebuild this model around a state dict (stored in our checkpoints)."""
         return {
             "variant": self.variant,
-            **({} if self.has_mit_encoder else {"encoder": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}"}),
+            **({} if self.has_mit_encoder else {"encoder": _qualified_name(type(self.encoder))}),
             "num_classes": self.num_classes,
             "id2label": dict(self.id2label),
             "norm_eps": self.norm_eps,

@@ -183,7 +183,8 @@ def test_multi_scale_flip_averages_softmax_of_every_view_at_the_output_size() ->
 
 
 def test_views_must_match_the_configured_scales() -> None:
-    with pytest.raises(ConfigError, match=r"inference.scales lists 2 test scale\(s\) \[0.5, 1.0\] but the image comes in 1"):
+    message = r"inference.scales lists 2 test scale\(s\) \[0.5, 1.0\] but the image comes in 1"
+    with pytest.raises(ConfigError, match=message):
         predict_probs(stride4_model(), image(32, 32), (32, 32), InferenceConfig(scales=[0.5, 1.0]))
 
 
@@ -335,7 +336,7 @@ def test_multi_scale_flip_resizes_the_original_image_as_mmseg(size_divisor) -> N
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, 90)[None, :, None]
     images = [np.clip(ramp + rng.normal(0, 60, (h, 90, 3)), 0, 255).astype(np.uint8) for h in (61, 47)]
-    dataset = [{"image": img, "mask": np.zeros(img.shape[:2], np.uint8), "name": str(i)} for i, img in enumerate(images)]
+    dataset = [{"image": im, "mask": np.zeros(im.shape[:2], np.uint8), "name": str(i)} for i, im in enumerate(images)]
     ratios, scale = [0.5, 0.75, 1.25], (128, 96)
     config = InferenceConfig(scales=ratios, flip=True)
     samples = EvalSamples(dataset, eval_transforms(scale, ratios, size_divisor))

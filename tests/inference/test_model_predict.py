@@ -31,7 +31,9 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
 def _evaluation(model, images, size_divisor=None, **settings) -> list[torch.Tensor]:
     """What validation / eval.py predict for these images with these settings."""
     config = InferenceConfig(**settings)
-    dataset = [{"image": img, "mask": np.zeros(img.shape[:2], np.uint8), "name": str(i)} for i, img in enumerate(images)]
+    dataset = [
+        {"image": img, "mask": np.zeros(img.shape[:2], np.uint8), "name": str(i)} for i, img in enumerate(images)
+    ]
     samples = EvalSamples(dataset, eval_transforms(SCALE, config.scales, size_divisor))
     return predict_batch(model, collate_eval([samples[i] for i in range(len(images))]), config)
 
@@ -41,7 +43,13 @@ def test_every_kind_of_input_gives_the_evaluation_prediction(model, tmp_path):
     Image.fromarray(image).save(tmp_path / "photo.png")
     (expected,) = _evaluation(model, [image])
     assert len(expected.unique()) > 1
-    inputs = [tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(image), image, torch.from_numpy(image).permute(2, 0, 1)]
+    inputs = [
+        tmp_path / "photo.png",
+        str(tmp_path / "photo.png"),
+        Image.fromarray(image),
+        image,
+        torch.from_numpy(image).permute(2, 0, 1),
+    ]
     for given in inputs:
         mask = model.predict(given, scale=SCALE)
         assert isinstance(mask, torch.Tensor) and mask.shape == (75, 110) and mask.dtype == torch.long

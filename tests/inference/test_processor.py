@@ -38,7 +38,9 @@ def _labels(h: int, w: int, seed: int) -> np.ndarray:
 SHAPES = [(61, 90), (120, 75), (33, 33)]
 
 
-@pytest.mark.parametrize("size", [{"height": 512, "width": 512}, {"height": 64, "width": 96}, {"height": 37, "width": 53}])
+@pytest.mark.parametrize(
+    "size", [{"height": 512, "width": 512}, {"height": 64, "width": 96}, {"height": 37, "width": 53}]
+)
 @pytest.mark.parametrize("reduce_labels", [False, True])
 def test_pixel_values_and_labels_equal_transformers(size, reduce_labels):
     images = [_photo(h, w, i) for i, (h, w) in enumerate(SHAPES)]
@@ -58,7 +60,12 @@ def test_pil_numpy_and_tensor_inputs_one_or_many_give_the_same_values():
     image = _photo(70, 50, 3)
     processor = SegFormerImageProcessor(size={"height": 64, "width": 64})
     theirs = hf_processor(size={"height": 64, "width": 64})(Image.fromarray(image), return_tensors="pt")["pixel_values"]
-    for given in (Image.fromarray(image), image, torch.from_numpy(image).permute(2, 0, 1), image.astype(np.float32) / 255):
+    for given in (
+        Image.fromarray(image),
+        image,
+        torch.from_numpy(image).permute(2, 0, 1),
+        image.astype(np.float32) / 255,
+    ):
         torch.testing.assert_close(processor(given).pixel_values, theirs, rtol=0, atol=1e-5)
     batch = processor(np.stack([image, image]))
     assert batch.pixel_values.shape == (2, 3, 64, 64) and "labels" not in batch
@@ -73,9 +80,15 @@ def test_post_processing_equals_transformers():
     theirs = hf_processor()
     ours = SegFormerImageProcessor()
     sizes = [(61, 90), (120, 75), (16, 24)]
-    for a, b in zip(ours.post_process_semantic_segmentation(logits, sizes), theirs.post_process_semantic_segmentation(_Outputs(logits), sizes)):
+    for a, b in zip(
+        ours.post_process_semantic_segmentation(logits, sizes),
+        theirs.post_process_semantic_segmentation(_Outputs(logits), sizes),
+    ):
         assert a.shape == b.shape and torch.equal(a, b)
-    for a, b in zip(ours.post_process_semantic_segmentation(_Outputs(logits)), theirs.post_process_semantic_segmentation(_Outputs(logits))):
+    for a, b in zip(
+        ours.post_process_semantic_segmentation(_Outputs(logits)),
+        theirs.post_process_semantic_segmentation(_Outputs(logits)),
+    ):
         assert a.shape == (16, 24) and torch.equal(a, b)
     with pytest.raises(ValueError, match="2 target sizes for 3 images"):
         ours.post_process_semantic_segmentation(logits, sizes[:2])
@@ -99,19 +112,27 @@ def test_preprocessor_config_reads_and_writes_transformers_format(tmp_path):
     assert torch.equal(mine.labels, theirs["labels"])
     hf_processor(size={"height": 40, "width": 40}, do_reduce_labels=True).save_pretrained(str(tmp_path / "theirs"))
     back = SegFormerImageProcessor.from_pretrained(tmp_path / "theirs")
-    assert (back.size, back.do_reduce_labels, back.image_mean) == ({"height": 40, "width": 40}, True, [0.485, 0.456, 0.406])
+    assert (back.size, back.do_reduce_labels, back.image_mean) == (
+        {"height": 40, "width": 40},
+        True,
+        [0.485, 0.456, 0.406],
+    )
 
 
 def test_evaluation_resize_option_is_our_test_transform():
     image, labels = _photo(150, 90, 1), _labels(150, 90, 1)
     for divisor in (None, 32):
-        processor = SegFormerImageProcessor.from_test_settings((128, 96), divisor, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+        processor = SegFormerImageProcessor.from_test_settings(
+            (128, 96), divisor, (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+        )
         out = processor(image, labels)
         expected = eval_transform((128, 96), divisor)(image=image)["image"]
         torch.testing.assert_close(out.pixel_values[0], expected, rtol=0, atol=1e-5)
         assert out.labels.shape[1:] == expected.shape[1:]
     # Differently sized results are padded, with each one's own size.
-    batch = SegFormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})([_photo(150, 90, 0), _photo(50, 100, 1)])
+    batch = SegFormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})(
+        [_photo(150, 90, 0), _photo(50, 100, 1)]
+    )
     assert batch.image_sizes.tolist() == [[96, 58], [48, 96]] and batch.pixel_values.shape == (2, 3, 96, 96)
     assert (batch.pixel_values[1, :, 48:] == 0).all()
 

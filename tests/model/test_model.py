@@ -1,5 +1,6 @@
 """The network itself: shapes, sizes, the paper's details, and the folded head against the reference."""
 
+import itertools
 import math
 
 import pytest
@@ -199,7 +200,8 @@ class PoolEncoder(torch.nn.Module):
         super().__init__()
         channels = (3, *self.hidden_sizes)
         self.convs = torch.nn.ModuleList(
-            torch.nn.Conv2d(a, b, 3, stride=4 if i == 0 else 2, padding=1) for i, (a, b) in enumerate(zip(channels, channels[1:]))
+            torch.nn.Conv2d(a, b, 3, stride=4 if i == 0 else 2, padding=1)
+            for i, (a, b) in enumerate(itertools.pairwise(channels))
         )
 
     def forward(self, x):
@@ -257,14 +259,15 @@ def test_a_foreign_encoder_is_checked_and_cannot_be_saved_as_transformers(tmp_pa
 
 
 def test_the_custom_encoder_config_builds_and_trains(tmp_path):
+    from helpers import ROOT
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from segformer import cli
     from segformer.model.encoders import ConvEncoder
-    from helpers import ROOT
 
-    cfg = cli.compose(ROOT / "configs", "train", ["model=custom_encoder_example", "data=sample", f"paths.data_dir={tmp_path}"], run_dir=tmp_path / "run")
+    overrides = ["model=custom_encoder_example", "data=sample", f"paths.data_dir={tmp_path}"]
+    cfg = cli.compose(ROOT / "configs", "train", overrides, run_dir=tmp_path / "run")
     model = instantiate(cfg.model)
     assert isinstance(model.encoder, ConvEncoder) and model.num_classes == cfg.data.num_classes
     assert model.encoder.out_channels == (32, 64, 128, 256)

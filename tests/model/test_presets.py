@@ -13,14 +13,30 @@ from segformer.errors import CheckpointError
 from segformer.model.presets import PRESETS, format_table
 
 # REFERENCE.md, Published results (single / multi-scale mIoU).
-ADE = {"b0": (37.4, 38.0), "b1": (42.2, 43.1), "b2": (46.5, 47.5), "b3": (49.4, 50.0), "b4": (50.3, 51.1), "b5": (51.0, 51.8)}
-CITY = {"b0": (76.2, 78.1), "b1": (78.5, 80.0), "b2": (81.0, 82.2), "b3": (81.7, 83.3), "b4": (82.3, 83.9), "b5": (82.4, 84.0)}
+ADE = {
+    "b0": (37.4, 38.0),
+    "b1": (42.2, 43.1),
+    "b2": (46.5, 47.5),
+    "b3": (49.4, 50.0),
+    "b4": (50.3, 51.1),
+    "b5": (51.0, 51.8),
+}
+CITY = {
+    "b0": (76.2, 78.1),
+    "b1": (78.5, 80.0),
+    "b2": (81.0, 82.2),
+    "b3": (81.7, 83.3),
+    "b4": (82.3, 83.9),
+    "b5": (82.4, 84.0),
+}
 
 
 def test_all_21_public_checkpoints_with_their_hub_ids():
     expected = {f"segformer_b{i}_ade20k_512": f"nvidia/segformer-b{i}-finetuned-ade-512-512" for i in range(5)}
     expected["segformer_b5_ade20k_640"] = "nvidia/segformer-b5-finetuned-ade-640-640"
-    expected.update({f"segformer_b{i}_cityscapes_1024": f"nvidia/segformer-b{i}-finetuned-cityscapes-1024-1024" for i in range(6)})
+    expected.update(
+        {f"segformer_b{i}_cityscapes_1024": f"nvidia/segformer-b{i}-finetuned-cityscapes-1024-1024" for i in range(6)}
+    )
     expected["segformer_b0_cityscapes_512x1024"] = "nvidia/segformer-b0-finetuned-cityscapes-512-1024"
     expected["segformer_b0_cityscapes_640x1280"] = "nvidia/segformer-b0-finetuned-cityscapes-640-1280"
     expected["segformer_b0_cityscapes_768"] = "nvidia/segformer-b0-finetuned-cityscapes-768-768"
@@ -30,12 +46,23 @@ def test_all_21_public_checkpoints_with_their_hub_ids():
 
 
 def test_presets_carry_dataset_crop_classes_and_published_miou():
-    for variant in ADE:
+    for variant, ade_miou in ADE.items():
         crop = 640 if variant == "b5" else 512
         ade = PRESETS[f"segformer_{variant}_ade20k_{crop}"]
-        assert (ade.dataset, ade.crop_size, ade.num_classes, ade.miou, ade.variant) == ("ADE20K", (crop, crop), 150, ADE[variant], variant)
+        assert (ade.dataset, ade.crop_size, ade.num_classes, ade.miou, ade.variant) == (
+            "ADE20K",
+            (crop, crop),
+            150,
+            ade_miou,
+            variant,
+        )
         city = PRESETS[f"segformer_{variant}_cityscapes_1024"]
-        assert (city.dataset, city.crop_size, city.num_classes, city.miou) == ("Cityscapes", (1024, 1024), 19, CITY[variant])
+        assert (city.dataset, city.crop_size, city.num_classes, city.miou) == (
+            "Cityscapes",
+            (1024, 1024),
+            19,
+            CITY[variant],
+        )
         mit = PRESETS[f"mit_{variant}_imagenet"]
         assert (mit.dataset, mit.num_classes, mit.encoder_only) == ("ImageNet-1K", 1000, True)
     assert PRESETS["segformer_b0_cityscapes_512x1024"].crop_size == (512, 1024)
@@ -69,7 +96,9 @@ def test_a_preset_name_loads_its_hub_checkpoint(monkeypatch, tmp_path):
     torch.manual_seed(0)
     SegFormer("b0", num_classes=150).save_pretrained(tmp_path / "ade")
     SegFormer("b0", num_classes=3).save_pretrained(tmp_path / "mit")
-    calls = _fake_hub(monkeypatch, {"nvidia/segformer-b0-finetuned-ade-512-512": tmp_path / "ade", "nvidia/mit-b0": tmp_path / "mit"})
+    calls = _fake_hub(
+        monkeypatch, {"nvidia/segformer-b0-finetuned-ade-512-512": tmp_path / "ade", "nvidia/mit-b0": tmp_path / "mit"}
+    )
     model = SegFormer.from_pretrained("segformer_b0_ade20k_512")
     assert calls == ["nvidia/segformer-b0-finetuned-ade-512-512"] and model.num_classes == 150
     # model.pretrained=mit_b0_imagenet (the recipes) goes the same way.
@@ -84,7 +113,9 @@ def test_offline_a_preset_fails_like_its_hub_id_naming_it(monkeypatch):
     with pytest.raises(CheckpointError) as by_name:
         SegFormer.from_pretrained("segformer_b2_ade20k_512")
     message = str(by_name.value)
-    assert message.startswith("Preset 'segformer_b2_ade20k_512' is the hub model nvidia/segformer-b2-finetuned-ade-512-512.")
+    assert message.startswith(
+        "Preset 'segformer_b2_ade20k_512' is the hub model nvidia/segformer-b2-finetuned-ade-512-512."
+    )
     assert message.endswith(str(by_id.value))
     assert "LocalEntryNotFoundError" in message and "huggingface-cli download nvidia/segformer-b2" in message
 
