@@ -127,3 +127,14 @@ def test_an_unknown_name_lists_close_matches():
     with pytest.raises(CheckpointError) as far:
         SegFormer.from_pretrained("no_such_thing.ckpt")
     assert "Close preset names" not in str(far.value)
+
+
+def test_predict_py_takes_a_preset_as_ckpt_path(monkeypatch, tmp_path):
+    from segformer.inference.predictor import load_predictor
+
+    torch.manual_seed(0)
+    SegFormer("b0", num_classes=150).save_pretrained(tmp_path / "ade")
+    calls = _fake_hub(monkeypatch, {"nvidia/segformer-b0-finetuned-ade-512-512": tmp_path / "ade"})
+    predictor = load_predictor("segformer_b0_ade20k_512", device="cpu")
+    assert calls == ["nvidia/segformer-b0-finetuned-ade-512-512"] and predictor.model.num_classes == 150
+    assert predictor.run_dir is None  # a preset is no training run folder
