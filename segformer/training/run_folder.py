@@ -24,6 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from segformer.errors import ConfigError
+
 RUN_NAME_RESOLVER = "run_name"
 
 
@@ -54,16 +56,34 @@ def run_name(default: str) -> str:
     return slurm_job_name() or default
 
 
+def slurm_gpus_per_node(accelerator: str, devices: Any) -> int:
+    """GPUs per node that hydra/launcher=slurm asks for: none for a CPU trainer (trainer=ddp_cpu),
+    else one per device, so one launcher config serves CPU-only and GPU clusters."""
+    if accelerator == "cpu":
+        return 0
+    if not str(devices).isdigit():
+        raise ConfigError(
+            f"hydra/launcher=slurm starts one task per device, so trainer.devices must be a number here "
+            f"(the GPUs per node), got {devices!r}: add trainer.devices=<GPUs per node>."
+        )
+    return int(devices)
+
+
+RESOLVERS = {RUN_NAME_RESOLVER: run_name, "slurm_gpus_per_node": slurm_gpus_per_node}
+
+
 def register_resolvers() -> None:
-    """``${run_name:<default>}`` for configs/hydra (called before Hydra composes anything)."""
-    if OmegaConf.has_resolver(RUN_NAME_RESOLVER):
-        return
+    """``${run_name:<default>}`` for configs/hydra and ``${slurm_gpus_per_node:...}`` for
+    configs/hydra/launcher/slurm.yaml (called before Hydra composes anything)."""
     # omegaconf 2.4 renamed register_new_resolver (now deprecated) to register_resolver, a name
     # that in 2.3 is the legacy, string-only API: the new signature tells them apart.
     if "use_cache" in inspect.signature(OmegaConf.register_resolver).parameters:
-        OmegaConf.register_resolver(RUN_NAME_RESOLVER, run_name)
+        register = OmegaConf.register_resolver
     else:
-        OmegaConf.register_new_resolver(RUN_NAME_RESOLVER, run_name)
+        register = OmegaConf.register_new_resolver
+    for name, function in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            register(name, function)
 
 
 def _rank() -> int:
