@@ -20,6 +20,7 @@ FAST = {"b0", "b2"}
 @pytest.mark.parametrize(
     "variant", [v if v in FAST else pytest.param(v, marks=pytest.mark.slow) for v in PAPER]
 )
+@pytest.mark.slow
 def test_gflops_match_the_paper(variant):
     gflops, side = PAPER[variant]
     with torch.device("meta"):
@@ -30,6 +31,7 @@ def test_gflops_match_the_paper(variant):
     assert count_gflops(model, (side, side), fast_head=True) < counted
 
 
+@pytest.mark.slow
 def test_the_command_prints_and_writes_the_costs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         sys, "argv",

@@ -202,6 +202,7 @@ def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
         cli.run(task, CONFIGS, "train")
 
 
+@pytest.mark.slow
 def test_the_script_reports_a_missing_checkpoint_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), f"hydra.run.dir={tmp_path}"],
@@ -230,6 +231,7 @@ def test_messages_of_errors_raised_elsewhere():
     assert cli.user_error_message(RuntimeError("bug")) is None
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_keeps_the_first_config(monkeypatch, tmp_path, recwarn):
     """hydra.run.dir through ${paths.log_dir} (${hydra:runtime.cwd}): resolvable in the callback."""
     monkeypatch.chdir(tmp_path)

@@ -91,6 +91,7 @@ def _folder_dataset(root: Path, splits: dict[str, int]) -> Path:
         (["data=folder", "data.num_classes=3", "data.root=/nowhere/data"], "/nowhere/data"),
     ],
 )
+@pytest.mark.slow
 def test_train_mistakes(monkeypatch, capsys, run_folder, data, overrides, expected):
     before = _contents(run_folder)
     if "data=folder" in overrides:
@@ -105,6 +106,7 @@ def test_train_mistakes(monkeypatch, capsys, run_folder, data, overrides, expect
     assert {name: after[name] for name in before} == before
 
 
+@pytest.mark.slow
 def test_train_refuses_an_unreadable_checkpoint_in_its_run_folder(monkeypatch, capsys, run_folder, data):
     (run_folder / "checkpoints").mkdir()
     (run_folder / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
@@ -117,6 +119,7 @@ def test_train_refuses_an_unreadable_checkpoint_in_its_run_folder(monkeypatch, c
     assert (run_folder / ".hydra" / "attempt-2" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_a_dataset_without_the_split_or_without_images(monkeypatch, capsys, tmp_path):
     folder = _folder_dataset(tmp_path / "folder", {"train": 2, "val": 0})
     common = ["data=folder", f"data.root={folder}", "data.num_classes=2", "data.num_workers=0"]
@@ -129,6 +132,7 @@ def test_a_dataset_without_the_split_or_without_images(monkeypatch, capsys, tmp_
     assert "ADE20K has no split 'test'" in err and "'train', 'val'" in err
 
 
+@pytest.mark.slow
 def test_eval_mistakes(monkeypatch, capsys, tmp_path, data):
     err = _fails(monkeypatch, capsys, "eval", tmp_path / "a", *data, "ckpt_path=/nowhere/model.ckpt")
     assert "/nowhere/model.ckpt" in err
@@ -140,6 +144,7 @@ def test_eval_mistakes(monkeypatch, capsys, tmp_path, data):
     assert "data.val_batch_size='big'" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train", "eval"])
 def test_the_scripts_exit_with_one_line(tmp_path, script):
     run = tmp_path / "run"
@@ -161,6 +166,7 @@ def test_the_scripts_exit_with_one_line(tmp_path, script):
     assert (run / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused_by_train_and_eval(monkeypatch, capsys, tmp_path, data):
     marker = tmp_path / "created"
     checkpoint = malicious_checkpoint(tmp_path / "evil.ckpt", marker, via_shell=True)
@@ -187,6 +193,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.mark.slow
 def test_offline_the_pretrained_encoder_is_named_with_the_ways_out(monkeypatch, capsys, tmp_path, offline):
     common = ["data=cityscapes", "data.num_workers=0", "callbacks.rich_model_summary=null"]
     # The wrong data root is named first, before any network work.

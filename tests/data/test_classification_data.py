@@ -72,6 +72,7 @@ def hf_source(tmp_path, columns=("image", "label")):
     return tmp_path / "hf"
 
 
+@pytest.mark.slow
 def test_hf_source_with_image_and_label_columns(tmp_path):
     data = HFImageClassification(hf_source(tmp_path), "val")
     assert data.classes == ["a", "b", "c"] and len(data) == 3
@@ -105,6 +106,7 @@ def test_train_pipeline_is_reproducible_from_the_sample_seed(tmp_path):
     assert torch.equal(first["pixel_values"], again["pixel_values"]) and not torch.equal(first["pixel_values"], other["pixel_values"])
 
 
+@pytest.mark.slow
 def test_sample_shapes_are_not_separable_by_colour(tmp_path):
     """Nearest class mean of each image's mean colour stays near chance (1/6): shape and texture decide."""
     train, val = SampleShapes(tmp_path, "train", per_class_train=30, per_class_val=10), SampleShapes(tmp_path, "val", per_class_train=30, per_class_val=10)
@@ -120,6 +122,7 @@ def test_sample_shapes_are_not_separable_by_colour(tmp_path):
     assert accuracy < 0.4
 
 
+@pytest.mark.slow
 def test_bad_folder_through_train_py_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
     for split in ("train", "val"):
         (tmp_path / "data" / split).mkdir(parents=True)

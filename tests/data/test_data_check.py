@@ -88,6 +88,7 @@ def _check_command(tmp_path: Path, *overrides: str) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_the_command_exits_1_on_problems_and_0_when_clean(tmp_path):
     _clean(tmp_path / "data")
     args = ["data=folder", f"data.root={tmp_path / 'data'}", "data.num_classes=3", "data.num_workers=0"]
@@ -121,6 +122,7 @@ def test_command_mistakes_end_with_one_message(monkeypatch, capsys, tmp_path, ov
     assert "Traceback" not in err and err.startswith("error: ") and expected in err
 
 
+@pytest.mark.slow
 def test_training_fails_on_a_bad_sample_or_skips_it_when_asked(tmp_path, caplog):
     _clean(tmp_path)
     (tmp_path / "masks/train/b.png").write_bytes(b"not a png")

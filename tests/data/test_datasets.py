@@ -304,6 +304,7 @@ def test_sample_scenes_are_reused_replaced_when_stale_and_never_overwrite_user_d
     assert (user / "photo.png").exists()
 
 
+@pytest.mark.slow
 def test_sample_classes_are_not_separable_by_colour(tmp_path):
     """A per-pixel colour lookup (the best colour -> class table fitted on train) must do badly."""
     train = SampleScenes(tmp_path, "train", seed=0, num_train=40, num_val=20)

@@ -294,6 +294,7 @@ def _mapillary(root: Path) -> list[str]:
 TREES = {"coco_stuff": _coco, "voc": _voc, "mapillary": _mapillary}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TREES))
 def test_the_data_check_command_reads_each_layout_cleanly(name, tmp_path, monkeypatch, capsys):
     overrides = [*TREES[name](tmp_path / "data"), f"data.root={tmp_path / 'data'}", "data.num_workers=0"]

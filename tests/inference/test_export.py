@@ -78,6 +78,7 @@ def _noise_image(path: Path, height: int, width: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_transformers_pipeline_gives_the_masks_of_our_predict(run, tmp_path):
     # The keep-ratio processor size (shortest_edge + longest_edge) needs transformers 5.
     transformers = pytest.importorskip("transformers", minversion="5")
@@ -116,6 +117,7 @@ def test_transformers_pipeline_gives_the_masks_of_our_predict(run, tmp_path):
     assert tuple(ours_tall.shape) == (3, 128, 77)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_at_two_sizes(run, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     folder = _export(run, tmp_path, "format=onnx", f"output={tmp_path / 'onnx'}", "onnx.check_sizes=[[64,96]]")

@@ -91,6 +91,7 @@ def test_predict_writes_label_palette_and_overlay_per_image(model_dir, images, t
     assert sorted(p.name for p in (out / "labels").iterdir()) == sorted(f"{n}.png" for n in SIZES)
 
 
+@pytest.mark.slow
 def test_command_names_unreadable_inputs_and_exits_non_zero(model_dir, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(

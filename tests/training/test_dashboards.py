@@ -75,6 +75,7 @@ def _fit_with_bar(max_steps: int, tmp_path, ckpt_path=None) -> tuple[StepProgres
     return bar, probe
 
 
+@pytest.mark.slow
 def test_the_training_bar_counts_optimizer_steps_of_the_whole_run(tmp_path):
     bar, probe = _fit_with_bar(3, tmp_path)
     assert probe.seen == [(0, 3)]
@@ -109,6 +110,7 @@ def run(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_mask_images_table_and_confusion_matrix(run):
     (wandb_run,) = (run / "wandb").glob("offline-run-*")
     media = wandb_run / "files" / "media"
@@ -120,6 +122,7 @@ def test_wandb_offline_run_has_mask_images_table_and_confusion_matrix(run):
     assert len(list((media / "table" / "val").glob("per_class_*.table.json"))) == 1
 
 
+@pytest.mark.slow
 def test_tensorboard_has_overlays_confusion_matrix_and_table(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -136,6 +139,7 @@ def test_tensorboard_has_overlays_confusion_matrix_and_table(run):
     assert {"train/device/samples_per_sec", "train/loss", "val/mIoU"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_csv_has_one_iou_column_per_class_and_throughput(run):
     with open(run / "csv" / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))

@@ -57,6 +57,7 @@ def test_eval_sampler_puts_every_image_on_exactly_one_rank():
         list(EvalSampler(range(2), num_replicas=4, rank=0))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_matches_one_process_evaluation(tmp_path, no_slurm):
     # 3 validation images on 2 ranks: a padded sampler would score one image twice.
     overrides = [*_tiny(tmp_path / "sample", num_val=3), "trainer.max_steps=2", "callbacks=[default,dashboard]"]
@@ -112,6 +113,7 @@ def _output_dir(monkeypatch, tmp_path) -> Path:
     return Path(seen["dir"])
 
 
+@pytest.mark.slow
 def test_under_slurm_every_rank_and_requeue_uses_the_jobs_folder(no_slurm, tmp_path):
     slurm = {
         "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242",
@@ -149,6 +151,7 @@ def test_resume_checkpoint_is_the_newest_left_in_the_run_folder(tmp_path):
     assert resume.resume_checkpoint(trainer, callbacks) == str(tmp_path / "hpc_ckpt_10.ckpt")
 
 
+@pytest.mark.slow
 def test_a_requeued_run_resumes_from_its_folder(tmp_path, no_slurm):
     train = load_script("train").train
     base = [*_tiny(tmp_path / "sample"), "logger=csv"]

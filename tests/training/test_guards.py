@@ -61,6 +61,7 @@ def test_the_guard_counts_and_stops_after_too_many_in_a_row():
     assert (restored.consecutive, restored.total) == (guard.consecutive, guard.total)
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_and_changes_nothing():
     # Sequential batches of one image: images 1 and 2 (batches 1 and 2) are NaN.
     module, snapshots = _module(max_consecutive=2), Snapshots()
@@ -76,6 +77,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing():
     assert all(torch.isfinite(v).all() for v in after[-1].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_too_many_non_finite_steps_stop_training_and_keep_the_last_checkpoint(tmp_path):
     module = _module(max_consecutive=1)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=0)
@@ -91,6 +93,7 @@ def test_too_many_non_finite_steps_stop_training_and_keep_the_last_checkpoint(tm
     assert saved["callbacks"]["NonFiniteLossGuard"] == {"consecutive": 1, "total": 1}
 
 
+@pytest.mark.slow
 def test_every_ddp_rank_skips_when_one_rank_has_a_non_finite_loss():
     # Two processes; rank 1 gets the odd images, so only rank 1 sees the NaN image 3.
     module = _module(max_consecutive=2)

@@ -90,6 +90,7 @@ def test_test_split_is_scored_the_same_way_and_separately():
     assert module.val_results == {}
 
 
+@pytest.mark.slow
 def test_ddp_ranks_sum_one_confusion_matrix():
     # One image per rank: each rank alone would score differently; the logged values are the
     # whole split's.

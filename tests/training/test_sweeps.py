@@ -41,6 +41,7 @@ def _best_val(job: Path) -> float:
         return max(float(r["val/mIoU"]) for r in csv.DictReader(handle) if r.get("val/mIoU"))
 
 
+@pytest.mark.slow
 def test_multirun_jobs_get_their_own_folders_and_wandb_runs(monkeypatch, tmp_path):
     import wandb
 
@@ -60,6 +61,7 @@ def test_multirun_jobs_get_their_own_folders_and_wandb_runs(monkeypatch, tmp_pat
     assert wandb.run is None
 
 
+@pytest.mark.slow
 def test_optuna_sweep_maximises_the_returned_val_miou(monkeypatch, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hydra-optuna-sweeper is not installed")
     if Version(hydra.__version__) >= Version("1.4.0.dev0"):

@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
     return {"cfg": cfg, "best": best, "run": base / "run", "data": tiny_sample_overrides(base / "sample", num_train=8, num_val=2), "base": base}
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_and_logs(trained):
     run = trained["run"]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "best.ckpt").is_file()
@@ -56,6 +57,7 @@ def test_training_writes_checkpoints_and_logs(trained):
     assert checkpoint["segformer"]["variant"] == "b0" and checkpoint["segformer"]["num_classes"] == 7
 
 
+@pytest.mark.slow
 def test_learning_rate_follows_the_configured_schedule(trained):
     cfg = trained["cfg"]
     lrs = _column(csv_rows(trained["run"] / "csv" / "metrics.csv"), "train/lr")
@@ -66,6 +68,7 @@ def test_learning_rate_follows_the_configured_schedule(trained):
         assert lr == pytest.approx(cfg.optimizer.lr * factor, rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_eval_reproduces_validation_and_writes_dataset_ids(trained, tmp_path):
     best_ckpt = trained["run"] / "checkpoints" / "best.ckpt"
     overrides = [*trained["data"], f"ckpt_path={best_ckpt}", "save_predictions=true"]
@@ -94,6 +97,7 @@ def test_eval_reproduces_validation_and_writes_dataset_ids(trained, tmp_path):
         np.testing.assert_array_equal(saved, pred.numpy() + 1)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_step(trained, tmp_path):
     overrides = [
         *trained["data"],
