@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 
 from segformer.errors import ConfigError
@@ -38,6 +39,15 @@ MIT_VARIANTS: dict[str, MiTConfig] = {
     "b4": MiTConfig(depths=(3, 8, 27, 3), hidden_sizes=(64, 128, 320, 512)),
     "b5": MiTConfig(depths=(3, 6, 40, 3), hidden_sizes=(64, 128, 320, 512)),
 }
+
+# torch.utils.flop_counter counts the CUDA attention kernels but not the CPU one, so FLOP counts of
+# CPU runs (Lightning's model summary) would leave attention out: the same formulas for it.
+for _op, _formula in (
+    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop),
+):
+    if _op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(_op, get_raw=True)(_formula)
 
 # LayerNorm eps of the patch-embedding and sequence-reduction norms in every public code base;
 # the block and stage-final norms differ by origin (NVlabs 1e-6, transformers 1e-5).

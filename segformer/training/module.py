@@ -75,6 +75,9 @@ class SegFormerModule(L.LightningModule):
         self.compile_model = compile
         self.nonfinite_guard = NonFiniteLossGuard(max_consecutive_nonfinite)
         self.seeded_steps = SeededSteps()
+        # Lightning's model summary runs it to fill its FLOPs and size columns: one image at 512x512,
+        # the paper's ADE20K evaluation size (flop_counter FLOPs, twice the paper's multiply-adds).
+        self.example_input_array = torch.zeros(1, 3, 512, 512)
         names = [model.id2label[i] for i in range(model.num_classes)]
         self.val_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
         self.test_metrics = SegmentationMetrics(model.num_classes, ignore_index, class_names=names)
