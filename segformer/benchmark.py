@@ -68,7 +68,7 @@ def time_forward(model: SegFormer, pixels: torch.Tensor, warmup: int, repeat: in
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            base = resetpeak_rss_mib()
+            base = reset_peak_rss_mib()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
@@ -80,7 +80,7 @@ def time_forward(model: SegFormer, pixels: torch.Tensor, warmup: int, repeat: in
     return statistics.median(times), peak
 
 
-def resetpeak_rss_mib() -> float:
+def reset_peak_rss_mib() -> float:
     """Restart Linux's peak resident set count (model building peaked higher); the resident set now."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
