@@ -171,6 +171,7 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str, preds, target) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_sum_their_confusion_matrices(tmp_path) -> None:
     gen = torch.Generator().manual_seed(1)
     preds = torch.randint(0, 5, (4, 6, 6), generator=gen)

@@ -38,6 +38,7 @@ def _evaluation(model, images, size_divisor=None, **settings) -> list[torch.Tens
     return predict_batch(model, collate_eval([samples[i] for i in range(len(images))]), config)
 
 
+@pytest.mark.slow
 def test_every_kind_of_input_gives_the_evaluation_prediction(model, tmp_path):
     image = _photo(75, 110, 0)
     Image.fromarray(image).save(tmp_path / "photo.png")

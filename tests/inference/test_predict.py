@@ -68,6 +68,7 @@ def _expected(model: SegFormer, path: Path, scale=SCALE) -> np.ndarray:
     return predict_probs(model, pixel_values, image.shape[:2], InferenceConfig()).argmax(0).numpy()
 
 
+@pytest.mark.slow
 def test_predict_writes_label_palette_and_overlay_per_image(model_dir, images, tmp_path):
     out = tmp_path / "out"
     cfg = _compose(
@@ -117,6 +118,7 @@ def test_command_names_unreadable_inputs_and_exits_non_zero(model_dir, images, t
     assert sorted(p.name for p in (tmp_path / "out" / "labels").iterdir()) == ["small.png", "square.png", "wide.png"]
 
 
+@pytest.mark.slow
 def test_too_small_images_are_skipped_by_name(model_dir, tmp_path):
     Image.fromarray(np.zeros((12, 300, 3), np.uint8)).save(tmp_path / "strip.png")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "fine.png")
@@ -129,6 +131,7 @@ def test_too_small_images_are_skipped_by_name(model_dir, tmp_path):
     assert not (tmp_path / "out" / "labels" / "strip.png").exists()
 
 
+@pytest.mark.slow
 def test_photos_are_segmented_upright_as_viewers_show_them(model_dir, tmp_path):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 96, 3), dtype=np.uint8))
     exif = Image.Exif()
@@ -140,6 +143,7 @@ def test_photos_are_segmented_upright_as_viewers_show_them(model_dir, tmp_path):
         assert Image.open(tmp_path / "out" / kind / name).size == (48, 96)  # (width, height)
 
 
+@pytest.mark.slow
 def test_existing_outputs_are_refused_unless_overwrite(model_dir, images, tmp_path):
     out = tmp_path / "out"
     (out / "colour").mkdir(parents=True)
@@ -152,6 +156,7 @@ def test_existing_outputs_are_refused_unless_overwrite(model_dir, images, tmp_pa
     assert np.asarray(Image.open(out / "colour" / "wide.png")).shape == (96, 128, 3)
 
 
+@pytest.mark.slow
 def test_dataset_config_gives_dataset_ids_palette_and_test_scale(tmp_path, images):
     model = _tiny_model(7)
     model.save_pretrained(tmp_path / "model")

@@ -18,6 +18,7 @@ def loss_and_gradients(model, pixels):
     return loss, grads
 
 
+@pytest.mark.slow
 def test_gradients_equal_those_without_checkpointing():
     torch.manual_seed(0)
     model = build_segformer("b0", num_classes=4, drop_path_rate=0.3).train()
@@ -31,6 +32,7 @@ def test_gradients_equal_those_without_checkpointing():
         torch.testing.assert_close(checkpointed, grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_blocks_are_recomputed_in_backward():
     model = build_segformer("b0", num_classes=4, activation_checkpointing=True).train()
     calls = []

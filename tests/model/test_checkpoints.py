@@ -73,7 +73,10 @@ def our_logits(model, x):
         return model.eval()(x)
 
 
-@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b5"])
+# b0 in the inner loop; the larger variants (seconds each) with the slow tests.
+@pytest.mark.parametrize(
+    "variant", ["b0", *(pytest.param(v, marks=pytest.mark.slow) for v in ("b1", "b2", "b5"))]
+)
 def test_transformers_to_ours_parity(variant, tmp_path):
     hf = hf_segmentation_model(variant)
     hf.save_pretrained(tmp_path)
@@ -85,7 +88,9 @@ def test_transformers_to_ours_parity(variant, tmp_path):
     assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b5"])
+@pytest.mark.parametrize(
+    "variant", ["b0", *(pytest.param(v, marks=pytest.mark.slow) for v in ("b1", "b2", "b5"))]
+)
 def test_ours_to_transformers_parity(variant, tmp_path):
     torch.manual_seed(1)
     ours = SegFormer(variant, num_classes=7, id2label={i: f"c{i}" for i in range(7)}, norm_eps=1e-5)
