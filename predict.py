@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from segformer import cli
 from segformer.errors import DataError
+from segformer.inference.classify import classify_images, is_classifier
 from segformer.inference.predictor import check_outputs, find_images, load_predictor, predict_images
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -23,6 +24,11 @@ def predict(cfg: DictConfig) -> int:
     """Segment the images of ``cfg.input`` into ``cfg.output``; returns how many were written."""
     images = find_images(cfg.input)
     check_outputs(images, Path(cfg.output).expanduser(), cfg.overwrite)
+    if is_classifier(cfg.ckpt_path):  # a train_cls.yaml classifier: top-5 classes per image, predictions.csv
+        failed = classify_images(cfg.ckpt_path, images, cfg.output, device=cfg.device)
+        if failed:
+            raise DataError(f"{len(failed)} input(s) could not be read and were skipped: {failed[0][1]}")
+        return len(images)
     predictor = load_predictor(cfg.ckpt_path, cfg.get("data"), cfg.scale, cfg.inference, cfg.device)
     print(predictor.describe())
     if predictor.dataset is None and predictor.run_config is None and cfg.scale is None:

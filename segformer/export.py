@@ -21,6 +21,7 @@ from segformer.inference.export import (
     onnx_parity,
     training_config,
 )
+from segformer.inference.classify import export_classifier, is_classifier
 from segformer.inference.predictor import load_predictor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -36,6 +37,8 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError(
             f"output={str(output)!r} already holds {', '.join(existing)}; choose another folder or pass overwrite=true."
         )
+    if is_classifier(cfg.ckpt_path):  # a train_cls.yaml classifier: its own writers
+        return export_classifier(cfg.ckpt_path, output, cfg.format, opset=cfg.onnx.opset)
     metrics_path = find_metrics(cfg.ckpt_path, cfg.metrics, cfg.paths.log_dir)
     predictor = load_predictor(cfg.ckpt_path, cfg.get("data"), cfg.scale, device="cpu")
     print(predictor.describe())

@@ -253,6 +253,7 @@ class ClassificationDataModule(SegDataModule):
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.train_transform = train_transform(int(crop_size), mean=plain(mean), std=plain(std), **dict(plain(augment) or {}))
         self.eval_transform = eval_transform(int(crop_size), crop_ratio, mean=plain(mean), std=plain(std))
+        self.preprocessing = {"crop_size": int(crop_size), "crop_ratio": float(crop_ratio), "mean": list(plain(mean)), "std": list(plain(std))}
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self._datasets: dict[str, Any] = {}
         self._train_sampler: ResumableSampler | None = None

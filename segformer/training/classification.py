@@ -113,6 +113,13 @@ class ClassificationModule(SegFormerModule):
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.hparams.update(model.config)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # predict.py preprocesses as validation did (crop size and ratio, mean, std).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "preprocessing"):
+            checkpoint["segformer"]["preprocessing"] = datamodule.preprocessing
+
     def setup(self, stage: str) -> None:
         """Nothing to prepare: the soft-target loss needs no dataset statistics (unlike SegFormerModule's losses)."""
 

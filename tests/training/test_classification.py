@@ -1,0 +1,128 @@
+"""Classification training: soft targets, mixup / cutmix, a MiT-B0 learning the sample shapes from
+scratch through train.py, and a SegFormer fine-tuned from that classification checkpoint."""
+
+import pytest
+import torch
+
+from segformer import MiTForImageClassification, cli
+from segformer.training.classification import ClassificationModule, mix_batch, soft_targets
+from helpers import ROOT, load_script, tiny_sample_overrides
+
+CONFIGS = ROOT / "configs"
+
+
+def test_soft_targets_smooth_as_timm():
+    targets = soft_targets(torch.tensor([2, 0]), num_classes=4, smoothing=0.1)
+    assert torch.allclose(targets[0], torch.tensor([0.025, 0.025, 0.925, 0.025]))
+    assert torch.allclose(targets.sum(1), torch.ones(2))
+
+
+def test_mixup_mixes_images_and_targets_with_the_same_ratio():
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixed, targets = mix_batch(images, labels, 4, mixup_alpha=0.8, cutmix_alpha=0.0, smoothing=0.0)
+    lam = float(targets[0, 0])  # sample 0 mixed with sample 3: lam of class 0, 1 - lam of class 3
+    assert 0 < lam < 1 and abs(float(targets[0, 3]) - (1 - lam)) < 1e-6
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-6)
+
+
+def test_cutmix_target_ratio_is_the_pasted_area():
+    torch.manual_seed(3)
+    images = torch.zeros(2, 3, 20, 30)
+    images[1] = 1.0
+    mixed, targets = mix_batch(images, torch.tensor([0, 1]), 2, mixup_alpha=0.0, cutmix_alpha=1.0, smoothing=0.0)
+    pasted = float(mixed[0, 0].mean())  # share of sample 0 now showing sample 1
+    assert 0 < pasted < 1
+    assert abs(float(targets[0, 1]) - pasted) < 1e-6 and abs(float(targets[0, 0]) - (1 - pasted)) < 1e-6
+
+
+def test_no_mixing_when_prob_is_zero():
+    images = torch.randn(2, 3, 8, 8)
+    mixed, targets = mix_batch(images, torch.tensor([1, 0]), 3, prob=0.0, smoothing=0.0)
+    assert torch.equal(mixed, images) and torch.equal(targets, torch.tensor([[0.0, 1, 0], [1, 0, 0]]))
+
+
+def test_unknown_mixup_key_is_refused():
+    with pytest.raises(Exception, match="mixup_alph"):
+        ClassificationModule(MiTForImageClassification("b0", 3), mixup={"mixup_alph": 0.8})
+
+
+@pytest.mark.slow
+def test_classifier_learns_the_sample_shapes_and_starts_a_segformer(tmp_path):
+    overrides = [
+        f"data.root={tmp_path / 'shapes'}",
+        "data.num_workers=0",
+        "data.crop_size=48",
+        "global_batch_size=24",
+        "trainer.max_steps=120",
+        "trainer.val_check_interval=120",
+        "scheduler.warmup_iters=10",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+    ]
+    cfg = cli.compose(CONFIGS, "train_cls", overrides, run_dir=tmp_path / "cls")
+    top1 = load_script("train").train(cfg)
+    assert top1 > 0.5  # chance: 1/6
+    best = tmp_path / "cls" / "checkpoints" / "best.ckpt"
+    classifier = MiTForImageClassification.from_pretrained(best)
+    assert classifier.num_classes == 6 and classifier.id2label[0] == "box"
+
+    seg = [
+        *tiny_sample_overrides(tmp_path / "scenes", num_train=4, num_val=2),
+        f"model.pretrained={best}",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+    ]
+    load_script("train").train(cli.compose(CONFIGS, "train", seg, run_dir=tmp_path / "seg"))
+    # Two optimizer steps from the classifier's encoder: far closer to it than a fresh encoder is.
+    from segformer import SegFormer
+
+    tuned = SegFormer.from_pretrained(tmp_path / "seg" / "checkpoints" / "last.ckpt")
+    start = classifier.encoder.stages[0].patch_embed.proj.weight
+    moved = (tuned.encoder.stages[0].patch_embed.proj.weight - start).abs().max()
+    fresh = (SegFormer("b0", num_classes=7).encoder.stages[0].patch_embed.proj.weight - start).abs().max()
+    assert moved < 0.1 * fresh
+
+
+def classifier_checkpoint(path):
+    torch.manual_seed(4)
+    model = MiTForImageClassification("b0", num_classes=6, id2label=dict(enumerate("abcdef"))).eval()
+    meta = {**model.config, "preprocessing": {"crop_size": 48, "crop_ratio": 0.875, "mean": [0.0] * 3, "std": [255.0] * 3}}
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "segformer": meta}, path)
+    return model
+
+
+def test_predict_writes_the_top5_and_export_writes_a_transformers_classifier(tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from transformers import SegformerForImageClassification
+
+    from segformer.data.classification import eval_transform
+
+    model = classifier_checkpoint(tmp_path / "cls.ckpt")
+    (tmp_path / "in").mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in" / "x.png")
+    overrides = [f"ckpt_path={tmp_path / 'cls.ckpt'}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"]
+    load_script("predict").predict(cli.compose(CONFIGS, "predict", overrides, run_dir=tmp_path / "run"))
+    with torch.no_grad():
+        probs = model(eval_transform(48, 0.875, [0.0] * 3, [255.0] * 3)(image=image)["image"][None]).softmax(-1)[0]
+    order = probs.argsort(descending=True)[:5].tolist()
+    row = next(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [row[f"label_{i + 1}"] for i in range(5)] == ["abcdef"[i] for i in order]
+    assert abs(float(row["prob_1"]) - float(probs[order[0]])) < 1e-5
+    assert f"x.png: {'abcdef'[order[0]]}" in capsys.readouterr().out
+
+    from segformer.export import export
+
+    export(cli.compose(CONFIGS, "export", [f"ckpt_path={tmp_path / 'cls.ckpt'}", "format=hf", f"output={tmp_path / 'hf'}"], run_dir=tmp_path / "e"))
+    hf = SegformerForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.id2label[5] == "f"
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        # transformers computes with LayerNorm eps 1e-5, this model with 1e-6: close, not equal.
+        assert (hf(pixel_values=x).logits - model(x)).abs().max() < 1e-3
