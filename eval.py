@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from segformer import SegFormer, cli
 from segformer.errors import CheckpointError
+from segformer.inference.classify import evaluate_classifier, is_classifier
 from segformer.inference.metrics import format_table, results_to_json
 from segformer.inference.report import ReportSamples, describe_dataset, write_report
 from segformer.training.module import SegFormerModule
@@ -31,6 +32,8 @@ def evaluate(cfg: DictConfig) -> float:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     # Only the evaluated split is read, so a dataset without its train split evaluates too.
     datamodule.setup("test")
+    if is_classifier(cfg.ckpt_path):  # a train_cls.yaml classifier: top-1 / top-5
+        return evaluate_classifier(cfg, datamodule)
     model = SegFormer.from_pretrained(cfg.ckpt_path)
     if model.num_classes != datamodule.num_classes:
         raise CheckpointError(

@@ -91,3 +91,31 @@ def export_classifier(source: str | os.PathLike, output: str | os.PathLike, fmt:
         dynamo=False,
     )
     return output
+
+
+def evaluate_classifier(cfg: Any, datamodule: Any) -> float:
+    """eval.py for a classifier: top-1 / top-5 on the data module's test split, written to
+    <run dir>/metrics.json; returns the top-1 accuracy."""
+    import hydra
+
+    from segformer.errors import CheckpointError
+    from segformer.training.classification import ClassificationModule
+
+    model = MiTForImageClassification.from_pretrained(cfg.ckpt_path)
+    if model.num_classes != datamodule.num_classes:
+        raise CheckpointError(
+            f"Checkpoint {cfg.ckpt_path!r} predicts {model.num_classes} classes but the dataset has "
+            f"{datamodule.num_classes}: evaluate it on the dataset it was trained for."
+        )
+    module = ClassificationModule(model)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    results = {name: float(value) for name, value in module.test_results.items()}
+    if trainer.is_global_zero:
+        output = Path(cfg.paths.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        report = {**results, "checkpoint": str(cfg.ckpt_path), "split": datamodule.splits["test"]}
+        (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"top-1 {results['top1']:.4f}  top-5 {results['top5']:.4f}")
+        print(f"Metrics: {output / 'metrics.json'}")
+    return results["top1"]

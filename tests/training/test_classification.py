@@ -126,3 +126,35 @@ def test_predict_writes_the_top5_and_export_writes_a_transformers_classifier(tmp
     with torch.no_grad():
         # transformers computes with LayerNorm eps 1e-5, this model with 1e-6: close, not equal.
         assert (hf(pixel_values=x).logits - model(x)).abs().max() < 1e-3
+
+
+def test_eval_scores_a_classifier_top1_top5(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from segformer.data.classification import eval_transform
+
+    model = classifier_checkpoint(tmp_path / "cls.ckpt")
+    rng = np.random.default_rng(1)
+    images, labels = [], []
+    for label, name in enumerate("abcdef"):
+        (tmp_path / "data" / "val" / name).mkdir(parents=True)
+        image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "val" / name / "0.png")
+        images.append(image)
+        labels.append(label)
+    transform = eval_transform(48, 0.875, [0.0] * 3, [255.0] * 3)
+    with torch.no_grad():
+        logits = model(torch.stack([transform(image=i)["image"] for i in images]))
+    target = torch.tensor(labels)
+    top1 = float((logits.argmax(1) == target).float().mean())
+    top5 = float((logits.topk(5, dim=1).indices == target[:, None]).any(1).float().mean())
+    overrides = [
+        f"ckpt_path={tmp_path / 'cls.ckpt'}", "data=cls_folder", f"data.root={tmp_path / 'data'}", "data.num_classes=6",
+        "data.crop_size=48", "data.mean=[0,0,0]", "data.std=[255,255,255]", "data.num_workers=0", "data.val_batch_size=4",
+    ]
+    score = load_script("eval").evaluate(cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval"))
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert abs(score - top1) < 1e-6 and abs(saved["top5"] - top5) < 1e-6
