@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segformer import cli
 from segformer.errors import ConfigError
+from segformer.inference.classify import export_classifier, is_classifier
 from segformer.inference.export import (
     FORMAT_FILES,
     export_onnx,
@@ -21,7 +22,6 @@ from segformer.inference.export import (
     onnx_parity,
     training_config,
 )
-from segformer.inference.classify import export_classifier, is_classifier
 from segformer.inference.predictor import load_predictor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

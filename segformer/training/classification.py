@@ -10,6 +10,7 @@ draw the same boxes and ratios.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import lightning as L
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, load_script
 from PIL import Image
 
 from segformer import cli
@@ -18,7 +19,6 @@ from segformer.data.classification import (
     eval_transform,
 )
 from segformer.errors import DataError
-from helpers import ROOT, load_script
 
 
 def write_folder(root, classes: dict[str, int], split: str = "train", size=(40, 50)):

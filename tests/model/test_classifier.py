@@ -4,11 +4,17 @@ ways, NVlabs mit_b*.pth with their head, our checkpoints, and the counting loade
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_checkpoints import (
+    INPUT_SHAPE,
+    hf_config,
+    nvlabs_eps,
+    nvlabs_state_dict,
+    on_disk_state,
+)
 from transformers import SegformerForImageClassification
 
 from segformer import MiTForImageClassification, SegFormer
 from segformer.errors import CheckpointError
-from test_checkpoints import INPUT_SHAPE, hf_config, nvlabs_eps, nvlabs_state_dict, on_disk_state
 
 NUM_LABELS = 13
 

@@ -3,10 +3,14 @@ scratch through train.py, and a SegFormer fine-tuned from that classification ch
 
 import pytest
 import torch
+from helpers import ROOT, load_script, tiny_sample_overrides
 
 from segformer import MiTForImageClassification, cli
-from segformer.training.classification import ClassificationModule, mix_batch, soft_targets
-from helpers import ROOT, load_script, tiny_sample_overrides
+from segformer.training.classification import (
+    ClassificationModule,
+    mix_batch,
+    soft_targets,
+)
 
 CONFIGS = ROOT / "configs"
 
@@ -112,7 +116,8 @@ def test_predict_writes_the_top5_and_export_writes_a_transformers_classifier(tmp
     with torch.no_grad():
         probs = model(eval_transform(48, 0.875, [0.0] * 3, [255.0] * 3)(image=image)["image"][None]).softmax(-1)[0]
     order = probs.argsort(descending=True)[:5].tolist()
-    row = next(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    with open(tmp_path / "out" / "predictions.csv") as handle:
+        row = next(csv.DictReader(handle))
     assert [row[f"label_{i + 1}"] for i in range(5)] == ["abcdef"[i] for i in order]
     assert abs(float(row["prob_1"]) - float(probs[order[0]])) < 1e-5
     assert f"x.png: {'abcdef'[order[0]]}" in capsys.readouterr().out
