@@ -163,3 +163,11 @@ def test_eval_scores_a_classifier_top1_top5(tmp_path):
     score = load_script("eval").evaluate(cli.compose(CONFIGS, "eval", overrides, run_dir=tmp_path / "eval"))
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert abs(score - top1) < 1e-6 and abs(saved["top5"] - top5) < 1e-6
+
+
+def test_imagenet_recipe_composes_with_the_pvt_numbers(tmp_path):
+    cfg = cli.compose(CONFIGS, "train_cls", ["data=cls_imagenet", "model=cls_b2"], run_dir=tmp_path / "run")
+    assert cfg.global_batch_size == 1024 and cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 0.05
+    assert cfg.trainer.max_steps == 300 * 1251 and cfg.scheduler.warmup_iters == 5 * 1251 and cfg.scheduler.min_lr == 1e-5
+    assert cfg.model.variant == "b2" and cfg.data.num_classes == 1000 and cfg.module.mixup.cutmix_alpha == 1.0
+    assert cfg.data.crop_size == 224 and cfg.data.crop_ratio == 0.875 and cfg.module.label_smoothing == 0.1
