@@ -194,7 +194,7 @@ def nvlabs_eps(hf_model) -> None:
             module.eps = 1e-6
 
 
-@pytest.mark.parametrize("variant", ["b0", "b2"])
+@pytest.mark.parametrize("variant", ["b0", pytest.param("b2", marks=pytest.mark.slow)])
 def test_nvlabs_segmentation_checkpoint(variant, tmp_path):
     hf = hf_segmentation_model(variant, num_labels=150)
     state = nvlabs_state_dict(on_disk_state(hf, tmp_path / "hf"), backbone_prefix="backbone.")

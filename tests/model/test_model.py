@@ -109,6 +109,7 @@ def test_folded_head_equals_reference_in_eval(variant):
     assert (fast - reference).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b0", "b2"])
 def test_folded_head_equals_reference_in_training(variant):
     """Same loss and the same gradient for every parameter, BatchNorm in batch-statistics mode."""
@@ -233,6 +234,7 @@ def _train_steps(model: SegFormer, steps: int) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_any_encoder_trains_under_the_decode_head():
     model = SegFormer(encoder=PoolEncoder(), num_classes=2)
     assert model.variant == "custom" and [l.in_features for l in model.decode_head.linear_c] == [8, 16, 24, 32]
@@ -258,6 +260,7 @@ def test_a_foreign_encoder_is_checked_and_cannot_be_saved_as_transformers(tmp_pa
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_custom_encoder_config_builds_and_trains(tmp_path):
     from helpers import ROOT
     from hydra.errors import InstantiationException
