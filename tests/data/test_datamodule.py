@@ -16,13 +16,17 @@ from segformer import cli
 from segformer.data import FolderDataset, SampleScenes, SegDataModule
 from segformer.data.sample import SAMPLE_CLASSES, SAMPLE_PALETTE
 from segformer.errors import ConfigError, DataError
+from segformer.training.batch import configure_batch
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def data_config(tmp_path: Path, *overrides: str):
-    """The training config as train.py composes it, with the data under tmp_path."""
-    return cli.compose(CONFIGS, "train", [f"paths.data_dir={tmp_path}", *overrides], run_dir=tmp_path / "run")
+    """The training config as train.py composes it (the recipe's global batch split over this
+    machine's devices), with the data under tmp_path."""
+    cfg = cli.compose(CONFIGS, "train", [f"paths.data_dir={tmp_path}", *overrides], run_dir=tmp_path / "run")
+    configure_batch(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="module")
