@@ -47,6 +47,7 @@ def test_the_command_prints_and_writes_the_costs(tmp_path, capsys, monkeypatch):
     assert "GFLOPs (paper)" in out and "parameters" in out
 
 
+@pytest.mark.slow
 def test_a_bad_size_is_one_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmark", "size=[64]", f"hydra.run.dir={tmp_path}"])
     with pytest.raises(SystemExit) as exit_info:

@@ -53,6 +53,7 @@ def test_default_training_is_b0_on_the_sample_scenes(compose, tmp_path):
     assert list(cfg.logger) == ["csv"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_paper_experiments(compose, name):
     cfg = compose("train", f"experiment={name}")
@@ -77,6 +78,7 @@ def test_paper_experiments(compose, name):
         assert cfg.data.inference.mode == "slide" and list(cfg.data.inference.stride) == [768, 768]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, variant", [("ade20k", "b2"), ("cityscapes", "b0"), ("coco_stuff", "b5")])
 def test_choosing_data_and_model_gives_the_paper_setting(compose, data, variant):
     by_choice = compose("train", f"model={variant}", f"data={data}")
@@ -113,6 +115,7 @@ def test_eval_config_takes_the_dataset_inference_and_overrides(compose):
     assert list(cfg.data.inference.scales) == [0.75, 1.0, 1.25] and cfg.data.inference.flip
 
 
+@pytest.mark.slow
 def test_training_objects_instantiate(compose):
     cfg = compose("train", "callbacks=[default,lr_monitor]")
     model = SegFormer("b0", num_classes=3)
@@ -163,6 +166,7 @@ def _run(monkeypatch, capsys, tmp_path, config_name, *overrides, task=lambda cfg
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, expected",
     [
@@ -185,6 +189,7 @@ def test_missing_required_values_are_named(monkeypatch, capsys, tmp_path):
     assert "ckpt_path" in err and "data.num_classes" in err
 
 
+@pytest.mark.slow
 def test_user_errors_from_the_run_end_with_their_message(monkeypatch, capsys, tmp_path):
     def task(cfg):
         raise DataError("No images in /nowhere.")
@@ -192,6 +197,7 @@ def test_user_errors_from_the_run_end_with_their_message(monkeypatch, capsys, tm
     assert _run(monkeypatch, capsys, tmp_path, "train", task=task).strip() == "error: No images in /nowhere."
 
 
+@pytest.mark.slow
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
     def task(cfg):
         raise RuntimeError("a bug")
@@ -247,6 +253,7 @@ def test_a_second_run_in_the_same_folder_keeps_the_first_config(monkeypatch, tmp
     assert not [w for w in recwarn if "KeepEarlierConfig" in str(w.message)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, expected",
     [

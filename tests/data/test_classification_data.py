@@ -79,6 +79,7 @@ def test_hf_source_with_image_and_label_columns(tmp_path):
     assert data[0]["label"] == 2 and data[1]["image"].shape == (36, 30, 3) and int(data[1]["image"][0, 0, 0]) == 40
 
 
+@pytest.mark.slow
 def test_hf_source_without_the_label_column_is_named(tmp_path):
     source = hf_source(tmp_path, columns=("image", "target"))
     with pytest.raises(DataError, match=r"no label column 'label'.*\['image', 'target'\]"):

@@ -103,6 +103,7 @@ def test_the_command_exits_1_on_problems_and_0_when_clean(tmp_path):
     assert "Traceback" not in broken.stdout + broken.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, expected",
     [

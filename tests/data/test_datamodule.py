@@ -147,6 +147,7 @@ def test_a_bad_file_read_in_a_worker_raises_data_error_naming_it(tmp_path):
     del caught, batches  # the traceback holds the loader: free it so its worker stops now
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ade20k", "cityscapes", "sample", "hf", "folder"])
 def test_every_data_config_instantiates(tmp_path, name):
     extra = ["data.num_classes=3"] if name == "folder" else []
@@ -158,6 +159,7 @@ def test_every_data_config_instantiates(tmp_path, name):
     assert isinstance(dm.dataset_factory, functools.partial)
 
 
+@pytest.mark.slow
 def test_config_values_reach_the_pipeline(tmp_path):
     ade = data_config(tmp_path, "data=ade20k").data
     assert ade.crop_size == [512, 512] and ade.scale == [2048, 512] and ade.augment.ratio_range == [0.5, 2.0]

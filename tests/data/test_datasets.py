@@ -234,6 +234,7 @@ def test_hf_dataset_from_save_to_disk(tmp_path, hf_splits):
         val[0]
 
 
+@pytest.mark.slow
 def test_hf_dataset_from_parquet_files(tmp_path, hf_splits):
     folder = tmp_path / "parquet"
     folder.mkdir()

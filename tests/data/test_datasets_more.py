@@ -315,6 +315,7 @@ RECIPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_dataset_brings_its_recipe_and_whole_image_evaluation(name, tmp_path):
     cfg = cli.compose(CONFIG_DIR, "train", [f"data={name}", "model=b2"], run_dir=tmp_path / "run")

@@ -139,6 +139,7 @@ def test_onnx_matches_pytorch_at_two_sizes(run, tmp_path):
     assert json.loads((folder / "config.json").read_text())["id2label"]["4"] == "disc"
 
 
+@pytest.mark.slow
 def test_model_card_has_variant_dataset_classes_scores_and_training_config(run, tmp_path):
     folder = _export(run, tmp_path, f"output={tmp_path / 'hf'}")
     card = (folder / "README.md").read_text()

@@ -39,6 +39,7 @@ def test_per_class_table_in_percent_with_a_dash_for_absent_classes():
     assert rows[2:] == ["| sky | 75.00 | 75.00 |", "| road | 0.00 | - |", "| car | 50.00 | 50.00 |"]
 
 
+@pytest.mark.slow
 def test_report_has_details_scores_tables_and_existing_pictures(tmp_path):
     results = scores_from_confusion_matrix(torch.tensor([[3, 1, 0], [0, 0, 0], [0, 2, 2]]))
     image = np.full((30, 40, 3), 120, dtype=np.uint8)

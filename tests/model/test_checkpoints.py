@@ -103,6 +103,7 @@ def test_ours_to_transformers_parity(variant, tmp_path):
     assert (hf_logits(hf.eval(), x) - our_logits(ours, x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_keeps_eps_and_labels(tmp_path):
     torch.manual_seed(2)
     ours = SegFormer("b0", num_classes=4, id2label={0: "sky", 1: "road", 2: "car", 3: "tree"})
@@ -122,6 +123,7 @@ def encoder_features_close(hf_encoder, ours: SegFormer, x) -> float:
     return max((a - b).abs().max().item() for a, b in zip(hidden, features))
 
 
+@pytest.mark.slow
 def test_imagenet_encoder_gets_a_new_head(tmp_path, caplog):
     torch.manual_seed(3)
     hf = SegformerForImageClassification(hf_config("b1", num_labels=1000)).eval()
@@ -136,6 +138,7 @@ def test_imagenet_encoder_gets_a_new_head(tmp_path, caplog):
     assert encoder_features_close(hf.segformer, ours, x) < 1e-4
 
 
+@pytest.mark.slow
 def test_bare_segformer_model_folder(tmp_path):
     torch.manual_seed(4)
     hf = SegformerModel(hf_config("b0")).eval()
@@ -194,6 +197,7 @@ def nvlabs_eps(hf_model) -> None:
             module.eps = 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b0", pytest.param("b2", marks=pytest.mark.slow)])
 def test_nvlabs_segmentation_checkpoint(variant, tmp_path):
     hf = hf_segmentation_model(variant, num_labels=150)
@@ -210,6 +214,7 @@ def test_nvlabs_segmentation_checkpoint(variant, tmp_path):
     assert (hf_logits(hf, x) - our_logits(ours, x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_nvlabs_segmentation_checkpoint_matches_the_transformers_loader(tmp_path):
     """The same weights through both loaders, the eps being the only difference (by origin)."""
     hf = hf_segmentation_model("b0")
@@ -225,6 +230,7 @@ def test_nvlabs_segmentation_checkpoint_matches_the_transformers_loader(tmp_path
     assert torch.equal(our_logits(via_hf, x), our_logits(via_nv, x))
 
 
+@pytest.mark.slow
 def test_nvlabs_imagenet_backbone(tmp_path):
     torch.manual_seed(5)
     hf = SegformerForImageClassification(hf_config("b0", num_labels=1000)).eval()
@@ -239,6 +245,7 @@ def test_nvlabs_imagenet_backbone(tmp_path):
     assert encoder_features_close(hf.segformer, ours, x) < 1e-4
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint(tmp_path):
     torch.manual_seed(6)
     model = SegFormer("b0", num_classes=6, id2label={i: f"k{i}" for i in range(6)})
@@ -362,6 +369,7 @@ def test_kwargs_win_over_what_the_checkpoint_says(tmp_path):
         SegFormer.from_pretrained(tmp_path, decoder_dim=128)
 
 
+@pytest.mark.slow
 def test_nvlabs_checkpoint_with_mmcv_metadata_loads(tmp_path):
     """mmcv keeps numpy scalars and arrays in `meta`; they are plain data and load."""
     import collections

@@ -32,6 +32,7 @@ def logits(model, x, hf: bool = False):
         return model(pixel_values=x).logits if hf else model.eval()(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b0", "b2", pytest.param("b5", marks=pytest.mark.slow)])
 def test_transformers_to_ours_parity(variant, tmp_path):
     hf = hf_classifier(variant)
@@ -43,6 +44,7 @@ def test_transformers_to_ours_parity(variant, tmp_path):
     assert (logits(hf, x, hf=True) - logits(ours, x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b0", "b2", pytest.param("b5", marks=pytest.mark.slow)])
 def test_ours_to_transformers_parity(variant, tmp_path):
     torch.manual_seed(1)
@@ -57,6 +59,7 @@ def test_ours_to_transformers_parity(variant, tmp_path):
     assert (logits(hf.eval(), x, hf=True) - logits(ours, x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_nvlabs_imagenet_checkpoint_keeps_its_head(tmp_path):
     hf = hf_classifier("b0")
     state = nvlabs_state_dict(on_disk_state(hf, tmp_path / "hf"), backbone_prefix="")
@@ -70,6 +73,7 @@ def test_nvlabs_imagenet_checkpoint_keeps_its_head(tmp_path):
     assert (logits(hf, x, hf=True) - logits(ours, x)).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_our_checkpoint_round_trip_and_segformer_starts_from_it(tmp_path):
     torch.manual_seed(2)
     model = MiTForImageClassification("b0", num_classes=4, id2label=dict(enumerate("abcd")))

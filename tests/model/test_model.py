@@ -25,12 +25,14 @@ def _millions(module: torch.nn.Module) -> float:
     return round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(PAPER_PARAMS))
 def test_parameter_counts_match_the_paper(variant):
     model = SegFormer(variant, num_classes=150)
     assert (_millions(model.encoder), _millions(model.decode_head)) == PAPER_PARAMS[variant]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width", [(64, 64), (513, 377), (33, 95), (29, 30)])
 def test_logits_are_a_quarter_of_any_input_size(height, width):
     model = SegFormer("b0", num_classes=5).eval()
@@ -39,6 +41,7 @@ def test_logits_are_a_quarter_of_any_input_size(height, width):
     assert logits.shape == (2, 5, math.ceil(height / 4), math.ceil(width / 4))
 
 
+@pytest.mark.slow
 def test_encoder_features_are_reachable_on_their_own():
     encoder = MixTransformer(MIT_VARIANTS["b1"]).eval()
     with torch.no_grad():
@@ -96,6 +99,7 @@ def _randomize_batchnorm(model: SegFormer) -> None:
         bn.bias.normal_()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b0", "b2"])
 def test_folded_head_equals_reference_in_eval(variant):
     torch.manual_seed(0)
@@ -165,6 +169,7 @@ def test_id2label_must_cover_every_class():
 # ----------------------------------------------------------------------------- hidden states
 
 
+@pytest.mark.slow
 def test_hidden_states_equal_transformers_segformer_model(tmp_path):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 

@@ -92,6 +92,7 @@ def _fake_hub(monkeypatch, folders: dict):
     return calls
 
 
+@pytest.mark.slow
 def test_a_preset_name_loads_its_hub_checkpoint(monkeypatch, tmp_path):
     torch.manual_seed(0)
     SegFormer("b0", num_classes=150).save_pretrained(tmp_path / "ade")

@@ -99,6 +99,7 @@ def classifier_checkpoint(path):
     return model
 
 
+@pytest.mark.slow
 def test_predict_writes_the_top5_and_export_writes_a_transformers_classifier(tmp_path, capsys):
     import csv
 
@@ -134,6 +135,7 @@ def test_predict_writes_the_top5_and_export_writes_a_transformers_classifier(tmp
         assert (hf(pixel_values=x).logits - model(x)).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_eval_scores_a_classifier_top1_top5(tmp_path):
     import json
 

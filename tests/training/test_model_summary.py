@@ -10,6 +10,7 @@ from segformer.model import SegFormer
 from segformer.training.module import SegFormerModule
 
 
+@pytest.mark.slow
 def test_summary_counts_the_flops_of_a_512_image():
     model = SegFormer("b0", num_classes=3)
     summary = ModelSummary(SegFormerModule(model), max_depth=1)

@@ -102,6 +102,7 @@ def test_ddp_ranks_sum_one_confusion_matrix():
         assert trainer.callback_metrics[f"val/{key}"].item() == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_what_from_pretrained_needs(tmp_path):
     model = SegFormer("b0", num_classes=3, id2label={0: "sky", 1: "road", 2: "car"})
     module = SegFormerModule(model, inference={"mode": "whole"})

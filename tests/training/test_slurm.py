@@ -244,6 +244,7 @@ def _launcher(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
 
 
+@pytest.mark.slow
 def test_the_slurm_launcher_asks_for_gpus_only_for_a_gpu_trainer():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     cpu = _launcher("trainer=ddp_cpu", "trainer.devices=2")

@@ -127,6 +127,7 @@ def _fake_cityscapes_val(root: Path, rng: np.random.Generator) -> None:
         Image.fromarray(label_ids).save(root / "gtFine" / "val" / "lindau" / f"{name}_gtFine_labelIds.png")
 
 
+@pytest.mark.slow
 def test_eval_mIoU_equals_the_official_cityscapes_script_on_its_predictions(tmp_path):
     cs_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
     _fake_cityscapes_val(tmp_path / "cityscapes", np.random.default_rng(0))
