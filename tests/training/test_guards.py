@@ -2,6 +2,8 @@
 statistics, the error after too many in a row (the last checkpoint kept), all DDP ranks skipping
 together."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -22,8 +24,10 @@ def _module(max_consecutive: int) -> SegFormerModule:
     return SegFormerModule(model, optimizer=build_adamw, max_consecutive_nonfinite=max_consecutive)
 
 
-def _trainer(max_steps: int, **kwargs) -> L.Trainer:
+def _trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
+    """A CPU trainer whose default checkpoints go under ``root`` (tmp_path), not the working folder."""
     return L.Trainer(
+        default_root_dir=root,
         accelerator="cpu",
         max_steps=max_steps,
         logger=False,
@@ -62,10 +66,10 @@ def test_the_guard_counts_and_stops_after_too_many_in_a_row():
 
 
 @pytest.mark.slow
-def test_a_non_finite_step_is_skipped_and_changes_nothing():
+def test_a_non_finite_step_is_skipped_and_changes_nothing(tmp_path):
     # Sequential batches of one image: images 1 and 2 (batches 1 and 2) are NaN.
     module, snapshots = _module(max_consecutive=2), Snapshots()
-    trainer = _trainer(max_steps=5, callbacks=[snapshots])
+    trainer = _trainer(tmp_path, max_steps=5, callbacks=[snapshots])
     trainer.fit(module, DataLoader(RandomScenes(nan=(1, 2)), batch_size=1))
     # Lightning counts a skipped step as a step: 5 batches, 3 optimizer updates.
     assert module.nonfinite_guard.total == 2
@@ -81,7 +85,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing():
 def test_too_many_non_finite_steps_stop_training_and_keep_the_last_checkpoint(tmp_path):
     module = _module(max_consecutive=1)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True, save_top_k=0)
-    trainer = _trainer(max_steps=10, callbacks=[checkpoint])
+    trainer = _trainer(tmp_path, max_steps=10, callbacks=[checkpoint])
     # Batches 0 and 1 train, 2 is skipped (and checkpointed: the weights of step 1), 3 stops.
     with pytest.raises(NonFiniteLossError, match="Training stopped at step 3: .* 2 steps in a row") as error:
         trainer.fit(module, DataLoader(RandomScenes(size=6, nan=(2, 3, 4)), batch_size=1))
@@ -94,10 +98,10 @@ def test_too_many_non_finite_steps_stop_training_and_keep_the_last_checkpoint(tm
 
 
 @pytest.mark.slow
-def test_every_ddp_rank_skips_when_one_rank_has_a_non_finite_loss():
+def test_every_ddp_rank_skips_when_one_rank_has_a_non_finite_loss(tmp_path):
     # Two processes; rank 1 gets the odd images, so only rank 1 sees the NaN image 3.
     module = _module(max_consecutive=2)
-    trainer = _trainer(max_steps=3, strategy="ddp_spawn", devices=2)
+    trainer = _trainer(tmp_path, max_steps=3, strategy="ddp_spawn", devices=2)
     trainer.fit(module, DataLoader(RandomScenes(size=8, nan=(3,)), batch_size=1))
     # Rank 0's own loss was finite; it skipped with rank 1 (otherwise DDP would have hung).
     assert trainer.callback_metrics["train/nonfinite_steps"] == 1
