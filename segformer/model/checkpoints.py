@@ -430,11 +430,11 @@ def export_state_dict(model: SegFormer, fmt: str) -> dict[str, Tensor]:
     return out
 
 
-def transformers_config(model: SegFormer) -> dict[str, Any]:
-    """A config.json for transformers' SegformerForSemanticSegmentation."""
+def mit_config(model: Any, architecture: str, classifier_dropout: float) -> dict[str, Any]:
+    """The config.json keys transformers' Segformer classes share: the MiT encoder and the labels."""
     mit = model.encoder.config
     return {
-        "architectures": ["SegformerForSemanticSegmentation"],
+        "architectures": [architecture],
         "model_type": "segformer",
         "num_channels": 3,
         "num_encoder_blocks": 4,
@@ -448,16 +448,23 @@ def transformers_config(model: SegFormer) -> dict[str, Any]:
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
-        "classifier_dropout_prob": model.decode_head.dropout.p,
+        "classifier_dropout_prob": classifier_dropout,
         "drop_path_rate": 0.1,
         "initializer_range": 0.02,
         "layer_norm_eps": model.norm_eps,
         NORM_EPS_CONFIG_KEY: model.norm_eps,
-        "decoder_hidden_size": model.decode_head.bn.num_features,
         "reshape_last_stage": True,
-        "semantic_loss_ignore_index": 255,
         "id2label": {str(k): v for k, v in model.id2label.items()},
         "label2id": {v: k for k, v in model.id2label.items()},
+    }
+
+
+def transformers_config(model: SegFormer) -> dict[str, Any]:
+    """A config.json for transformers' SegformerForSemanticSegmentation."""
+    return {
+        **mit_config(model, "SegformerForSemanticSegmentation", model.decode_head.dropout.p),
+        "decoder_hidden_size": model.decode_head.bn.num_features,
+        "semantic_loss_ignore_index": 255,
     }
 
 

@@ -152,31 +152,7 @@ class MiTForImageClassification(nn.Module):
 
 def transformers_config(model: MiTForImageClassification) -> dict[str, Any]:
     """config.json for transformers' SegformerForImageClassification."""
-    mit = model.encoder.config
-    return {
-        "architectures": ["SegformerForImageClassification"],
-        "model_type": "segformer",
-        "num_channels": 3,
-        "num_encoder_blocks": 4,
-        "depths": list(mit.depths),
-        "hidden_sizes": list(mit.hidden_sizes),
-        "num_attention_heads": list(mit.num_heads),
-        "sr_ratios": list(mit.sr_ratios),
-        "patch_sizes": list(mit.patch_sizes),
-        "strides": list(mit.strides),
-        "mlp_ratios": [mit.mlp_ratio] * 4,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "classifier_dropout_prob": 0.1,
-        "drop_path_rate": 0.1,
-        "initializer_range": 0.02,
-        "layer_norm_eps": model.norm_eps,
-        checkpoints.NORM_EPS_CONFIG_KEY: model.norm_eps,
-        "reshape_last_stage": True,
-        "id2label": {str(k): v for k, v in model.id2label.items()},
-        "label2id": {v: k for k, v in model.id2label.items()},
-    }
+    return checkpoints.mit_config(model, "SegformerForImageClassification", 0.1)
 
 
 def build_classifier(
