@@ -244,8 +244,9 @@ def _name(native_key: str, fmt: str) -> str:
 
 
 def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Read weights and metadata from a path, a Hugging Face hub id or a preset name
-    (``segformer_b2_ade20k_512``: the hub id in segformer/model/presets.py)."""
+    """Read weights and metadata from a path (a file, a transformers folder, a train.py run
+    folder), a Hugging Face hub id or a preset name (``segformer_b2_ade20k_512``: the hub id in
+    segformer/model/presets.py)."""
     path = Path(source).expanduser()
     if not path.exists():
         hub_id = presets.resolve_source(str(source))
@@ -265,6 +266,12 @@ def read_checkpoint(source: str | os.PathLike) -> Checkpoint:
                 "nvidia/segformer-b0-finetuned-ade-512-512, or a preset name (python -m segformer.presets "
                 f"lists them).{hint}"
             )
+    if path.is_dir() and not (path / "config.json").exists():
+        # A train.py run folder: its newest checkpoint, as ckpt_path=<run folder> resumes
+        # (imported here: the training side needs Lightning, loading a model does not).
+        from segformer.training.resume import newest_in_run_folder
+
+        path = newest_in_run_folder(path) or path
     if path.is_dir():
         return _read_transformers_dir(path, origin=str(source))
     return _read_file(path)
@@ -295,7 +302,8 @@ def _read_transformers_dir(path: Path, origin: str) -> Checkpoint:
     if not config_path.is_file():
         raise CheckpointError(
             f"Folder {str(path)!r} is not a transformers model folder: it has no config.json "
-            "(expected config.json + model.safetensors or pytorch_model.bin)."
+            "(expected config.json + model.safetensors or pytorch_model.bin), nor a train.py run "
+            "folder (checkpoints/last.ckpt)."
         )
     try:
         config = json.loads(config_path.read_text())

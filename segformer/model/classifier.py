@@ -162,7 +162,7 @@ def build_classifier(
     drop_path_rate: float = 0.1,
     activation_checkpointing: bool = False,
 ) -> MiTForImageClassification:
-    """The Hydra entry point (configs/task/classification.yaml): a new or a pretrained classifier."""
+    """The Hydra entry point (configs/model/cls_b*.yaml): a new or a pretrained classifier."""
     if not pretrained:
         return MiTForImageClassification(variant, num_classes, drop_path_rate=drop_path_rate, activation_checkpointing=activation_checkpointing)
     try:

@@ -6,6 +6,7 @@ import torch
 from helpers import ROOT, load_script, tiny_sample_overrides
 
 from segformer import MiTForImageClassification, cli
+from segformer.errors import CheckpointError
 from segformer.training.classification import (
     ClassificationModule,
     mix_batch,
@@ -97,6 +98,28 @@ def classifier_checkpoint(path):
     meta = {**model.config, "preprocessing": {"crop_size": 48, "crop_ratio": 0.875, "mean": [0.0] * 3, "std": [255.0] * 3}}
     torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "segformer": meta}, path)
     return model
+
+
+
+def test_model_pretrained_takes_a_classification_run_folder(tmp_path):
+    from segformer.model.classifier import build_classifier
+    from segformer.model.segformer import build_segformer
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    trained = classifier_checkpoint(run / "checkpoints" / "last.ckpt")
+    segformer = build_segformer("b0", num_classes=7, pretrained=str(run))
+    same = build_classifier("b0", num_classes=6, pretrained=str(run))
+    other = build_classifier("b0", num_classes=3, pretrained=str(run))  # fine-tuned on another label set
+    encoder = trained.encoder.state_dict()
+    for model in (segformer, same, other):
+        assert all(torch.equal(v, encoder[k]) for k, v in model.encoder.state_dict().items())
+    assert torch.equal(same.classifier.weight, trained.classifier.weight) and same.id2label == trained.id2label
+    assert other.num_classes == 3 and segformer.num_classes == 7
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="run folder"):
+        build_segformer("b0", num_classes=7, pretrained=str(tmp_path / "empty"))
 
 
 @pytest.mark.slow
