@@ -17,10 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segformer.model.mit import fused_inference, fused_linear
+from segformer.training.upsampled_ce import interpolation_matrix
 
 # The NVlabs/transformers decoder widths, which every public checkpoint follows (MMSeg 1.x uses
 # 256 for all, which `decoder_dim` can express).
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
+
+# 1/4-resolution rows per band of the inference head: a multiple of the largest upsampling
+# factor (8), so a band needs few source rows; 8-12 were fastest for B0 and B2 at 512x512 and
+# B0 on 1024x1024 windows (benchmarks/RESULTS.md, round two: inference).
+BAND_ROWS = 8
 
 
 class DecodeHead(nn.Module):
@@ -53,6 +60,8 @@ class DecodeHead(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, features: list[Tensor]) -> Tensor:
+        if self.fast and not self.training and fused_inference(features[0]):
+            return self.banded_inference(features)
         fused = self.fuse_folded(features) if self.fast else self.fuse_reference(features)
         # Logits leave in the standard layout: the loss's softmax over classes (and most user
         # code) would otherwise copy the large upsampled channels-last tensor.
@@ -83,6 +92,46 @@ class DecodeHead(nn.Module):
             y = F.conv2d(x, w[:, :, None, None])
             out = out + F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return F.relu(out if fold_bn else self.bn(out))
+
+    def banded_inference(self, features: list[Tensor], band_rows: int = BAND_ROWS) -> Tensor:
+        """`fuse_folded` then the classifier, in eval, a band of 1/4-resolution rows at a time.
+
+        Each band's sum of upsampled projections, its ReLU and its classifier input stay in
+        cache, and only the logits are written out: no (B, D, H/4, W/4) tensor exists (at
+        B2's D=768 and 512x512 one is 48 MiB, a fresh allocation that page-faults on every
+        call). Upsampling is separable: the width by F.interpolate on the band's source rows,
+        the height by F.interpolate's own row weights (`interpolation_matrix`), added to the
+        band by one matrix product. The logits come out contiguous (B, K, H/4, W/4).
+        """
+        weights, bias = self._folded_weights()
+        scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        weights = [w * scale[:, None] for w in weights]
+        bias = (bias - self.bn.running_mean) * scale + self.bn.bias
+        batch, _, height, width = features[0].shape
+        dim, classes = weights[0].shape[0], self.classifier.out_channels
+        # (B, h, w, C) token grids: free for MiT's channels-last maps.
+        grids = [x.permute(0, 2, 3, 1).contiguous() for x in features]
+        low = [fused_linear(x, w, None) for x, w in zip(grids[1:], weights[1:])]  # (B, h_i, w_i, D)
+        matrices = [interpolation_matrix(y.shape[1], height, y.dtype, y.device) for y in low]
+        classifier = self.classifier.weight.view(classes, dim)
+        logits = features[0].new_empty(batch, classes, height * width)
+        for start in range(0, height, band_rows):
+            stop = min(start + band_rows, height)
+            for image in range(batch):
+                band = fused_linear(grids[0][image, start:stop], weights[0], bias).view(stop - start, -1)
+                for y, matrix in zip(low, matrices):
+                    mix = matrix[start:stop]
+                    used = mix.any(0).nonzero()
+                    first, last = int(used[0]), int(used[-1]) + 1
+                    # unsqueeze before permute: strides F.interpolate takes for channels-last.
+                    source = y[image, first:last].unsqueeze(0).permute(0, 3, 1, 2)
+                    wide = F.interpolate(source, size=(last - first, width), mode="bilinear", align_corners=False)
+                    band.addmm_(mix[:, first:last], wide[0].permute(1, 2, 0).reshape(last - first, -1))
+                torch.addmm(
+                    self.classifier.bias[:, None], classifier, band.view(-1, dim).relu_().T,
+                    out=logits[image, :, start * width : stop * width],
+                )
+        return logits.view(batch, classes, height, width)
 
     def _folded_weights(self) -> tuple[list[Tensor], Tensor]:
         """Each stage's (D, C_i) matrix ``F_i L_i`` and the summed bias ``sum_i F_i b_i``."""

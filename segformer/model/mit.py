@@ -68,6 +68,27 @@ def _map_to_tokens(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
+def fused_inference(x: Tensor) -> bool:
+    """Whether to run oneDNN's fused kernels (bias, GELU and the residual add inside the matmul or
+    conv: fewer passes over the tokens): eager float32 CPU inference only. They have no autograd
+    formula, autocast does not cover them, and torch.compile fuses by itself."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias (+ residual)`` in one oneDNN kernel (``fused_inference`` only)."""
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+
 class OverlapPatchEmbed(nn.Module):
     """Strided conv whose kernel overlaps its neighbours, so no positional encoding is needed."""
 
@@ -99,16 +120,24 @@ class EfficientSelfAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.sr_norm = nn.LayerNorm(dim, eps=PATCH_NORM_EPS)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int, residual: Tensor | None = None) -> Tensor:
+        """``residual`` (fused inference only) is added to the output inside the projection."""
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
-        q = self.q(x).view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+        fused = residual is not None
+
+        def project(layer: nn.Linear, t: Tensor) -> Tensor:
+            return fused_linear(t, layer.weight, layer.bias) if fused else layer(t)
+
+        q = project(self.q, x).view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
             reduced = self.sr(_tokens_to_map(x, height, width))
             x = self.sr_norm(_map_to_tokens(reduced))
-        k, v = self.kv(x).view(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        k, v = project(self.kv, x).view(batch, -1, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+        if fused:
+            return fused_linear(out, self.proj.weight, self.proj.bias, residual)
+        return self.proj(out)
 
 
 class MixFFN(nn.Module):
@@ -121,9 +150,17 @@ class MixFFN(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        x = self.act(self.dwconv(_tokens_to_map(self.fc1(x), height, width)))
-        return self.fc2(_map_to_tokens(x))
+    def forward(self, x: Tensor, height: int, width: int, residual: Tensor | None = None) -> Tensor:
+        """``residual`` (fused inference only) is added to the output inside ``fc2``."""
+        if residual is None:
+            x = self.act(self.dwconv(_tokens_to_map(self.fc1(x), height, width)))
+            return self.fc2(_map_to_tokens(x))
+        x = _tokens_to_map(fused_linear(x, self.fc1.weight, self.fc1.bias), height, width)
+        conv = self.dwconv
+        x = torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, "gelu", [], self.act.approximate
+        )
+        return fused_linear(_map_to_tokens(x), self.fc2.weight, self.fc2.bias, residual)
 
 
 class DropPath(nn.Module):
@@ -158,6 +195,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
+        if not self.training and fused_inference(x):  # eval: no drop path, the residual adds fuse
+            x = self.attn(self.norm1(x), height, width, residual=x)
+            return self.mlp(self.norm2(x), height, width, residual=x)
         x = x + self.drop_path(self.attn(self.norm1(x), height, width))
         return x + self.drop_path(self.mlp(self.norm2(x), height, width))
 

@@ -1,0 +1,75 @@
+"""The eval-only fast paths (fused oneDNN kernels in MiT, the banded decode head) against the
+plain computation they replace, at odd sizes where the upsampling ratios are not whole."""
+
+import pytest
+import torch
+
+from segformer import SegFormer
+from segformer.model.mit import fused_inference
+
+
+@pytest.fixture(scope="module")
+def model() -> SegFormer:
+    """Random LayerNorm affines and BatchNorm statistics, so that folding them is exercised."""
+    torch.manual_seed(0)
+    model = SegFormer("b0", num_classes=7).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+        bn = model.decode_head.bn
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_fused_kernels_only_in_eager_float32_cpu_inference():
+    x = torch.zeros(1)
+    with torch.no_grad():
+        assert fused_inference(x)
+        assert not fused_inference(x.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_inference(x)
+    with torch.inference_mode():
+        assert fused_inference(x)
+    assert not fused_inference(x)  # autograd needs the plain ops
+
+
+def test_fused_inference_equals_the_plain_computation(model):
+    """Encoder maps and logits: no_grad (fused kernels, banded head) against grad mode (plain ops)."""
+    shape = (2, 3, 75, 61)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        fast_maps = model.encoder(x)
+        fast = model(x)
+    plain_maps = model.encoder(x)
+    plain = model(x)
+    for fast_map, plain_map in zip(fast_maps, plain_maps):
+        torch.testing.assert_close(fast_map, plain_map.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, plain.detach(), rtol=0, atol=1e-5)
+    assert fast.is_contiguous() and fast.shape == (shape[0], 7, (shape[2] + 3) // 4, (shape[3] + 3) // 4)
+
+
+def test_banded_head_equals_the_reference_head(model):
+    head = model.decode_head
+    x = torch.randn(2, 3, 97, 70)  # 1/4-resolution grid 25x18: no stage is a whole factor smaller
+    with torch.no_grad():
+        features = model.features(x)
+        reference = head.classifier(head.fuse_reference(features))
+        for band_rows in (1, 3, 8, 100):
+            banded = head.banded_inference(features, band_rows=band_rows)
+            torch.testing.assert_close(banded, reference, rtol=0, atol=1e-5)
+        # Contiguous NCHW maps, as a foreign encoder may return them.
+        from_contiguous = head.banded_inference([f.contiguous() for f in features])
+    torch.testing.assert_close(from_contiguous, reference, rtol=0, atol=1e-5)
+
+
+def test_training_mode_keeps_the_plain_path_under_no_grad():
+    """Drop path stays active in train mode: the fused residual adds would skip it."""
+    torch.manual_seed(0)
+    model = SegFormer("b0", num_classes=3, drop_path_rate=0.5, decoder_dropout=0.0).train()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert not torch.allclose(first, second)
