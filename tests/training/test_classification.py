@@ -92,6 +92,53 @@ def test_classifier_learns_the_sample_shapes_and_starts_a_segformer(tmp_path):
     assert moved < 0.1 * fresh
 
 
+
+def _resume_run(tmp_path, name, *extra):
+    """6 steps of 4 of the 12 sample images (3 an epoch), mixup and drop path on, a checkpoint
+    kept every 2 steps; validation at the end. -> (val/top1, last.ckpt)."""
+    overrides = [
+        f"data.root={tmp_path / 'shapes'}",
+        "data.dataset.per_class_train=2",
+        "data.dataset.per_class_val=1",
+        "data.num_workers=0",
+        "data.crop_size=32",
+        "global_batch_size=4",
+        "module.mixup={mixup_alpha:0.8,cutmix_alpha:1.0,prob:1.0,switch_prob:0.5}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "trainer.deterministic=true",
+        "scheduler.warmup_iters=2",
+        "+callbacks.kept={_target_:lightning.pytorch.callbacks.ModelCheckpoint,every_n_train_steps:2,save_top_k:-1,filename:'step{step}',auto_insert_metric_name:false}",
+        f"+callbacks.kept.dirpath={tmp_path / name / 'kept'}",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+        "~logger",
+        *extra,
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in both runs
+    try:
+        top1 = load_script("train").train(cli.compose(CONFIGS, "train_cls", overrides, run_dir=tmp_path / name))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for the process
+    return top1, torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_classification_run_resumed_mid_epoch_ends_bitwise_as_an_uninterrupted_one(tmp_path):
+    top1, reference = _resume_run(tmp_path, "whole")
+    # The state at step 4 (one batch into the second epoch), continued by a new run.
+    resumed_top1, resumed = _resume_run(tmp_path, "resumed", f"ckpt_path={tmp_path / 'whole' / 'kept' / 'step4.ckpt'}")
+    assert resumed["global_step"] == reference["global_step"] == 6
+    assert sorted(p.name for p in (tmp_path / "resumed" / "kept").iterdir()) == ["step6.ckpt"]  # it trained steps 5-6 only
+    different = [k for k, v in reference["state_dict"].items() if not torch.equal(resumed["state_dict"][k], v)]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    ours, theirs = (c["optimizer_states"][0]["state"] for c in (resumed, reference))
+    assert all(torch.equal(ours[k]["exp_avg_sq"], theirs[k]["exp_avg_sq"]) for k in theirs)
+    assert resumed_top1 == top1
+
+
 def classifier_checkpoint(path):
     torch.manual_seed(4)
     model = MiTForImageClassification("b0", num_classes=6, id2label=dict(enumerate("abcdef"))).eval()
