@@ -31,11 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segformer.errors import ConfigError
+from segformer.model.head import upsampled_rows
+from segformer.training.upsampled_ce import interpolation_matrix
 
 Model = Callable[[Tensor], Tensor]
 Window = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)
 
 MODES = ("whole", "slide")
+
+# Values per band of a slide window's upsampled logits (classes x rows x crop width): 1 MiB.
+BAND_ELEMENTS = 1 << 18
 
 
 def _is_number(value: Any) -> bool:
@@ -137,25 +142,45 @@ def whole_logits(model: Model, images: Tensor) -> Tensor:
 
 
 def slide_logits(
-    model: Model, image: Tensor, crop_size: Sequence[int], stride: Sequence[int], window_batch: int = 1
+    model: Model,
+    image: Tensor,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+    window_batch: int = 1,
+    band_elements: int = BAND_ELEMENTS,
 ) -> Tensor:
     """Logits (1, K, h, w) of one image (1, 3, h, w), averaged over overlapping windows.
 
     All windows of an image have the same size, so ``window_batch`` of them are stacked into one
-    forward pass; the accumulator and the count map are the only full-size tensors.
+    forward pass. Each window's logits are upsampled a band of rows at a time (about
+    ``band_elements`` values, `upsampled_rows`) straight into the accumulator: no upsampled
+    window exists (at 19 classes a 1024x1024 window's is 80 MiB, which page-faults afresh each
+    time). The accumulator and the count map are the only full-size tensors. An image that one
+    window covers is whole inference.
     """
     height, width = image.shape[-2:]
     windows = slide_windows(height, width, crop_size, stride)
+    if len(windows) == 1:
+        return whole_logits(model, image)
     count = torch.zeros((1, 1, height, width), dtype=torch.float32, device=image.device)
     total: Tensor | None = None
     for start in range(0, len(windows), window_batch):
         group = windows[start : start + window_batch]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
-        logits = whole_logits(model, crops)
+        logits = model(crops).float()
         if total is None:
             total = torch.zeros((1, logits.shape[1], height, width), dtype=torch.float32, device=image.device)
+            crop_h, crop_w = crops.shape[-2:]
+            matrix = interpolation_matrix(logits.shape[2], crop_h, torch.float32, image.device)
+            rows = max(1, band_elements // (logits.shape[1] * crop_w))
         for (y1, y2, x1, x2), window_logits in zip(group, logits):
-            total[0, :, y1:y2, x1:x2] += window_logits
+            region = total[:, :, y1:y2, x1:x2]
+            if window_logits.shape[-2:] == region.shape[-2:]:
+                region += window_logits
+            else:
+                for band in range(0, crop_h, rows):
+                    stop = min(band + rows, crop_h)
+                    region[:, :, band:stop] += upsampled_rows(window_logits[None], matrix, band, stop, crop_w)
             count[:, :, y1:y2, x1:x2] += 1
     assert total is not None  # slide_windows always yields at least one window
     return total.div_(count)

@@ -96,12 +96,10 @@ class DecodeHead(nn.Module):
     def banded_inference(self, features: list[Tensor], band_rows: int = BAND_ROWS) -> Tensor:
         """`fuse_folded` then the classifier, in eval, a band of 1/4-resolution rows at a time.
 
-        Each band's sum of upsampled projections, its ReLU and its classifier input stay in
-        cache, and only the logits are written out: no (B, D, H/4, W/4) tensor exists (at
-        B2's D=768 and 512x512 one is 48 MiB, a fresh allocation that page-faults on every
-        call). Upsampling is separable: the width by F.interpolate on the band's source rows,
-        the height by F.interpolate's own row weights (`interpolation_matrix`), added to the
-        band by one matrix product. The logits come out contiguous (B, K, H/4, W/4).
+        Each band's sum of upsampled projections (`upsampled_rows`), its ReLU and its
+        classifier input stay in cache, and only the logits are written out: no
+        (B, D, H/4, W/4) tensor exists (at B2's D=768 and 512x512 one is 48 MiB, a fresh
+        allocation that page-faults on every call). The logits come out contiguous.
         """
         weights, bias = self._folded_weights()
         scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
@@ -118,15 +116,11 @@ class DecodeHead(nn.Module):
         for start in range(0, height, band_rows):
             stop = min(start + band_rows, height)
             for image in range(batch):
-                band = fused_linear(grids[0][image, start:stop], weights[0], bias).view(stop - start, -1)
+                band = fused_linear(grids[0][image, start:stop], weights[0], bias)  # (rows, W, D)
                 for y, matrix in zip(low, matrices):
-                    mix = matrix[start:stop]
-                    used = mix.any(0).nonzero()
-                    first, last = int(used[0]), int(used[-1]) + 1
-                    # unsqueeze before permute: strides F.interpolate takes for channels-last.
-                    source = y[image, first:last].unsqueeze(0).permute(0, 3, 1, 2)
-                    wide = F.interpolate(source, size=(last - first, width), mode="bilinear", align_corners=False)
-                    band.addmm_(mix[:, first:last], wide[0].permute(1, 2, 0).reshape(last - first, -1))
+                    # (1, D, h_i, w_i) channels-last map, so unsqueeze before permute.
+                    source = y[image].unsqueeze(0).permute(0, 3, 1, 2)
+                    band += upsampled_rows(source, matrix, start, stop, width)[0].permute(1, 2, 0)
                 torch.addmm(
                     self.classifier.bias[:, None], classifier, band.view(-1, dim).relu_().T,
                     out=logits[image, :, start * width : stop * width],
@@ -142,3 +136,28 @@ class DecodeHead(nn.Module):
         weights = [s @ linear.weight for s, linear in zip(slices, self.linear_c)]
         bias = sum(s @ linear.bias for s, linear in zip(slices, self.linear_c))
         return weights, bias
+
+
+def upsampled_rows(source: Tensor, matrix: Tensor, start: int, stop: int, width: int) -> Tensor:
+    """Rows [start, stop) of ``F.interpolate(source, (H, width), mode="bilinear", align_corners=False)``,
+    made from the few source rows they need: (1, C, stop - start, width), in the memory format of
+    the (1, C, h, w) ``source`` (channels-last or contiguous).
+
+    ``matrix`` is ``interpolation_matrix(h, H)``. Bilinear resizing is separable: the height by
+    that matrix's rows (F.interpolate's own weights), then the width by F.interpolate; the values
+    equal resizing the whole map up to rounding, and band by band no full-size tensor is made.
+    """
+    mix = matrix[start:stop]
+    used = mix.any(0).nonzero()
+    first, last = int(used[0]), int(used[-1]) + 1
+    mix, rows = mix[:, first:last], source[:, :, first:last]
+    channels, source_width = source.shape[1], source.shape[3]
+    if source.is_contiguous():
+        # 1-D resizing of each row: the same weights and values as the 2-D kernel with the
+        # height unchanged, a quarter faster (CPU, 19 classes).
+        mixed = torch.matmul(mix, rows).view(1, -1, source_width)
+        wide = F.interpolate(mixed, size=width, mode="linear", align_corners=False)
+        return wide.view(1, channels, stop - start, width)
+    # Channels-last: the source rows are one (rows, w * C) matrix.
+    mixed = (mix @ rows.permute(0, 2, 3, 1).reshape(last - first, -1)).view(1, stop - start, source_width, channels)
+    return F.interpolate(mixed.permute(0, 3, 1, 2), size=(stop - start, width), mode="bilinear", align_corners=False)

@@ -133,6 +133,27 @@ def test_batched_windows_equal_one_window_at_a_time() -> None:
             )
 
 
+def _straightforward_slide(model: nn.Module, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]):
+    """mmseg's slide_inference written out: each window's logits upsampled whole, summed, divided."""
+    total = torch.zeros(1, K, *x.shape[-2:])
+    count = torch.zeros(1, 1, *x.shape[-2:])
+    for y1, y2, x1, x2 in slide_windows(x.shape[-2], x.shape[-1], crop, stride):
+        total[..., y1:y2, x1:x2] += upsampled(model, x[..., y1:y2, x1:x2], (y2 - y1, x2 - x1))
+        count[..., y1:y2, x1:x2] += 1
+    return total / count
+
+
+@pytest.mark.parametrize("band_elements", [1, 5 * 7 * 29, 1 << 18])
+def test_banded_window_upsampling_equals_the_straightforward_slide(band_elements: int) -> None:
+    """Windows' logits go into the accumulator a band of rows at a time (1 row, 7 rows, whole)."""
+    model, x = stride4_model(), image(53, 71)
+    with torch.no_grad():
+        for crop, stride, window_batch in (((27, 29), (13, 11), 4), ((32, 40), (24, 16), 1)):
+            expected = _straightforward_slide(model, x, crop, stride)
+            result = slide_logits(model, x, crop, stride, window_batch=window_batch, band_elements=band_elements)
+            torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
 def test_accumulates_in_float32_when_the_model_returns_bfloat16() -> None:
     model, x = stride4_model(), image(20, 20)
 

@@ -3,9 +3,13 @@ plain computation they replace, at odd sizes where the upsampling ratios are not
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segformer import SegFormer
+from segformer.model import mit
+from segformer.model.head import upsampled_rows
 from segformer.model.mit import fused_inference
+from segformer.training.upsampled_ce import interpolation_matrix
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,28 @@ def test_training_mode_keeps_the_plain_path_under_no_grad():
     with torch.no_grad():
         first, second = model(x), model(x)
     assert not torch.allclose(first, second)
+
+
+def test_banded_mix_ffn_equals_one_piece(model, monkeypatch):
+    """Large inputs run Mix-FFN in bands of rows (each with a halo row for the 3x3 conv)."""
+    x = torch.randn(2, 3, 75, 61)
+    with torch.no_grad():
+        whole = model(x)
+        monkeypatch.setattr(mit, "FFN_WHOLE_ELEMENTS", 0)
+        for band_elements in (1, 3 * 16 * 128):  # one row per band; three rows at stage 1 (16 wide, 128 hidden)
+            monkeypatch.setattr(mit, "FFN_BAND_ELEMENTS", band_elements)
+            torch.testing.assert_close(model(x), whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size,out", [((7, 5), (25, 18)), ((8, 6), (32, 24)), ((5, 9), (5, 20))])
+def test_upsampled_rows_are_rows_of_f_interpolate(channels_last, size, out):
+    source = torch.randn(1, 4, *size)
+    if channels_last:
+        source = source.contiguous(memory_format=torch.channels_last)
+    expected = F.interpolate(source, size=out, mode="bilinear", align_corners=False)
+    matrix = interpolation_matrix(size[0], out[0], torch.float32, source.device)
+    for rows in (1, 4, out[0]):
+        bands = [upsampled_rows(source, matrix, s, min(s + rows, out[0]), out[1]) for s in range(0, out[0], rows)]
+        assert all(band.is_contiguous(memory_format=torch.channels_last) == channels_last for band in bands if band.shape[2] > 1)
+        torch.testing.assert_close(torch.cat(bands, dim=2), expected, rtol=0, atol=1e-6)
