@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> float:
         )
     model.id2label = dict(enumerate(datamodule.classes))
     inference = datamodule.inference
-    module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index)
+    module = SegFormerModule(model, inference=inference, ignore_index=datamodule.ignore_index, compile=cfg.compile)
 
     output_dir = Path(cfg.paths.output_dir)
     split = datamodule.dataset(datamodule.splits["test"])

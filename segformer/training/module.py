@@ -97,7 +97,11 @@ class SegFormerModule(L.LightningModule):
             self.model.compile()
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.model(pixel_values)
+        # Eager even with compile=true: Lightning's model summary runs this under a FlopCounterMode,
+        # and a compiled call inside a dispatch mode makes dynamo skip SegFormer.forward for the
+        # rest of the process (compile=true then trained eagerly). Steps call self.model, compiled.
+        with torch.compiler.set_stance("force_eager"):
+            return self.model(pixel_values)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and hasattr(self.loss, "setup"):
