@@ -9,6 +9,7 @@ measured for each model in a fresh subprocess (CPU: peak resident set; CUDA: pea
     python benchmarks/speed.py --only infer --variant b5 --size 640 --reference-head
     python benchmarks/speed.py --only slide --repeat 3
     python benchmarks/speed.py --device cuda --dtype bf16 --compile
+    python benchmarks/speed.py --only train --variant b2 --size 512 --activation-checkpointing
     python benchmarks/speed.py --only infer --threads 1 --clock cpu   # on a machine shared with other jobs
 
 ``--clock cpu`` times the CPU time of the calling thread (``time.thread_time``): with one thread it
@@ -106,10 +107,18 @@ def step_fn(model, x, labels, train: bool, autocast: torch.dtype | None, device:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def time_alternately(fns: dict, repeat: int, device: str, clock: str = "wall") -> dict[str, float]:
+def time_alternately(
+    fns: dict, repeat: int, device: str, clock: str = "wall", first_calls: dict | None = None
+) -> dict[str, float]:
+    """Median time per call; ``first_calls`` gets each one's first call (compilation included)."""
     now = CLOCKS[clock]
-    for fn in fns.values():  # warm-up (and compilation)
+    for name, fn in fns.items():  # warm-up (and compilation)
+        sync(device)
+        start = now()
         fn()
+        sync(device)
+        if first_calls is not None:
+            first_calls[name] = now() - start
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
@@ -138,18 +147,23 @@ def compare(args, variant: str, size: int, batch: int, train: bool) -> dict:
     else:
         error = float("nan")
     fns = {"transformers": step_fn(theirs, x, labels, train, autocast, device, transformers_loss)}
-    if args.compile:
-        ours = torch.compile(ours)
-        fns["transformers"] = step_fn(torch.compile(theirs), x, labels, train, autocast, device, transformers_loss)
     fns["segformer"] = step_fn(ours, x, labels, train, autocast, device)
+    if args.compile:  # beside eager: what compile=true gains (the loss stays eager, as in training)
+        fns["segformer (compiled)"] = step_fn(torch.compile(ours), x, labels, train, autocast, device)
+    if args.activation_checkpointing and train:
+        checkpointed = copy.deepcopy(ours)
+        checkpointed.activation_checkpointing = True
+        fns["segformer (activation checkpointing)"] = step_fn(checkpointed, x, labels, train, autocast, device)
     if args.reference_head and not args.compile:
         ours_ref_head = copy.deepcopy(ours)
         ours_ref_head.fast_head = False
         fns["segformer (reference head)"] = step_fn(ours_ref_head, x, labels, train, autocast, device)
-    times = time_alternately(fns, args.repeat, device, args.clock)
+    first_calls: dict[str, float] = {}
+    times = time_alternately(fns, args.repeat, device, args.clock, first_calls)
     return {
         "task": f"{'train step' if train else 'inference'} {variant} {size}x{width} batch {batch}, {args.num_classes} classes",
         "times": times,
+        "first_call_s": first_calls,
         "speedup": times["transformers"] / times["segformer"],
         "max_abs_logit_diff": error,
     }
@@ -226,12 +240,12 @@ def main() -> None:
     parser.add_argument("--variant", default=None, help="variant for --only (default: the headline set)")
     parser.add_argument("--size", type=int, default=None, help="image height (and width unless --width)")
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--activation-checkpointing", action="store_true", help="--only memory: ours with model.activation_checkpointing")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="ours with model.activation_checkpointing: --only memory measures it instead, --only train times it beside")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile, with its first call")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="cpu: the calling thread's CPU time (use with --threads 1)")
@@ -270,6 +284,11 @@ def main() -> None:
             result = slide(args, variant) if kind == "slide" else compare(args, variant, size, batch, train=kind == "train")
             t = result["times"]
             extra = f" (reference head {t['segformer (reference head)'] * 1000:.0f} ms)" if "segformer (reference head)" in t else ""
+            for label in ("compiled", "activation checkpointing"):
+                if f"segformer ({label})" in t:
+                    other = t[f"segformer ({label})"]
+                    first = f", first call {result['first_call_s'][f'segformer ({label})']:.1f} s" if label == "compiled" else ""
+                    extra += f" ({label} {other * 1000:.0f} ms, {other / t['segformer']:.2f}x eager's time{first})"
             diff = "" if result["max_abs_logit_diff"] != result["max_abs_logit_diff"] else f"{result['max_abs_logit_diff']:.1e}"
             row = f"| {result['task']} | {t['transformers'] * 1000:.0f} ms | {t['segformer'] * 1000:.0f} ms{extra} | {result['speedup']:.2f}x | {diff} |"
             results.append(result)
