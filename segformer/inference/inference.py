@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segformer.errors import ConfigError
-from segformer.model.head import upsampled_rows
+from segformer.model.head import add_upsampled_rows
 from segformer.training.upsampled_ce import interpolation_matrix
 
 Model = Callable[[Tensor], Tensor]
@@ -153,7 +153,7 @@ def slide_logits(
 
     All windows of an image have the same size, so ``window_batch`` of them are stacked into one
     forward pass. Each window's logits are upsampled a band of rows at a time (about
-    ``band_elements`` values, `upsampled_rows`) straight into the accumulator: no upsampled
+    ``band_elements`` values, `add_upsampled_rows`) straight into the accumulator: no upsampled
     window exists (at 19 classes a 1024x1024 window's is 80 MiB, which page-faults afresh each
     time). The accumulator and the count map are the only full-size tensors. An image that one
     window covers is whole inference.
@@ -167,7 +167,7 @@ def slide_logits(
     for start in range(0, len(windows), window_batch):
         group = windows[start : start + window_batch]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group])
-        logits = model(crops).float()
+        logits = model(crops).float().contiguous()  # add_upsampled_rows: the accumulator's layout
         if total is None:
             total = torch.zeros((1, logits.shape[1], height, width), dtype=torch.float32, device=image.device)
             crop_h, crop_w = crops.shape[-2:]
@@ -179,8 +179,7 @@ def slide_logits(
                 region += window_logits
             else:
                 for band in range(0, crop_h, rows):
-                    stop = min(band + rows, crop_h)
-                    region[:, :, band:stop] += upsampled_rows(window_logits[None], matrix, band, stop, crop_w)
+                    add_upsampled_rows(region[:, :, band : band + rows], window_logits[None], matrix, band)
             count[:, :, y1:y2, x1:x2] += 1
     assert total is not None  # slide_windows always yields at least one window
     return total.div_(count)

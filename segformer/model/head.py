@@ -96,7 +96,7 @@ class DecodeHead(nn.Module):
     def banded_inference(self, features: list[Tensor], band_rows: int = BAND_ROWS) -> Tensor:
         """`fuse_folded` then the classifier, in eval, a band of 1/4-resolution rows at a time.
 
-        Each band's sum of upsampled projections (`upsampled_rows`), its ReLU and its
+        Each band's sum of upsampled projections (`add_upsampled_rows`), its ReLU and its
         classifier input stay in cache, and only the logits are written out: no
         (B, D, H/4, W/4) tensor exists (at B2's D=768 and 512x512 one is 48 MiB, a fresh
         allocation that page-faults on every call). The logits come out contiguous.
@@ -109,18 +109,17 @@ class DecodeHead(nn.Module):
         dim, classes = weights[0].shape[0], self.classifier.out_channels
         # (B, h, w, C) token grids: free for MiT's channels-last maps.
         grids = [x.permute(0, 2, 3, 1).contiguous() for x in features]
-        low = [fused_linear(x, w, None) for x, w in zip(grids[1:], weights[1:])]  # (B, h_i, w_i, D)
-        matrices = [interpolation_matrix(y.shape[1], height, y.dtype, y.device) for y in low]
+        matrices = [interpolation_matrix(x.shape[1], height, x.dtype, x.device) for x in grids[1:]]
         classifier = self.classifier.weight.view(classes, dim)
         logits = features[0].new_empty(batch, classes, height * width)
-        for start in range(0, height, band_rows):
-            stop = min(start + band_rows, height)
-            for image in range(batch):
-                band = fused_linear(grids[0][image, start:stop], weights[0], bias)  # (rows, W, D)
+        for image in range(batch):  # one image's projections at a time: smaller, reused allocations
+            # Stages 2-4 projected at their own resolution, as (1, D, h_i, w_i) channels-last maps.
+            low = [fused_linear(x[image : image + 1], w, None).permute(0, 3, 1, 2) for x, w in zip(grids[1:], weights[1:])]
+            for start in range(0, height, band_rows):
+                stop = min(start + band_rows, height)
+                band = fused_linear(grids[0][image : image + 1, start:stop], weights[0], bias)  # (1, rows, W, D)
                 for y, matrix in zip(low, matrices):
-                    # (1, D, h_i, w_i) channels-last map, so unsqueeze before permute.
-                    source = y[image].unsqueeze(0).permute(0, 3, 1, 2)
-                    band += upsampled_rows(source, matrix, start, stop, width)[0].permute(1, 2, 0)
+                    add_upsampled_rows(band.permute(0, 3, 1, 2), y, matrix, start)
                 torch.addmm(
                     self.classifier.bias[:, None], classifier, band.view(-1, dim).relu_().T,
                     out=logits[image, :, start * width : stop * width],
@@ -138,26 +137,30 @@ class DecodeHead(nn.Module):
         return weights, bias
 
 
-def upsampled_rows(source: Tensor, matrix: Tensor, start: int, stop: int, width: int) -> Tensor:
-    """Rows [start, stop) of ``F.interpolate(source, (H, width), mode="bilinear", align_corners=False)``,
-    made from the few source rows they need: (1, C, stop - start, width), in the memory format of
-    the (1, C, h, w) ``source`` (channels-last or contiguous).
+def add_upsampled_rows(out: Tensor, source: Tensor, matrix: Tensor, start: int) -> None:
+    """Add rows [start, start + rows) of ``F.interpolate(source, (H, W), mode="bilinear",
+    align_corners=False)`` to ``out`` (1, C, rows, W), computed from the few source rows they need.
 
-    ``matrix`` is ``interpolation_matrix(h, H)``. Bilinear resizing is separable: the height by
-    that matrix's rows (F.interpolate's own weights), then the width by F.interpolate; the values
-    equal resizing the whole map up to rounding, and band by band no full-size tensor is made.
+    ``source`` (1, C, h, w) is a channels-last or a contiguous map, and ``out`` a map (or a region
+    of one) in the same layout; ``matrix`` is ``interpolation_matrix(h, H)``. Bilinear resizing is
+    separable: the width by F.interpolate, the height by that matrix's rows (F.interpolate's own
+    weights), so band by band no full-size tensor is made; the values equal resizing the whole
+    map up to rounding.
     """
-    mix = matrix[start:stop]
+    rows, width = out.shape[-2:]
+    mix = matrix[start : start + rows]
     used = mix.any(0).nonzero()
     first, last = int(used[0]), int(used[-1]) + 1
-    mix, rows = mix[:, first:last], source[:, :, first:last]
-    channels, source_width = source.shape[1], source.shape[3]
-    if source.is_contiguous():
-        # 1-D resizing of each row: the same weights and values as the 2-D kernel with the
-        # height unchanged, a quarter faster (CPU, 19 classes).
-        mixed = torch.matmul(mix, rows).view(1, -1, source_width)
-        wide = F.interpolate(mixed, size=width, mode="linear", align_corners=False)
-        return wide.view(1, channels, stop - start, width)
-    # Channels-last: the source rows are one (rows, w * C) matrix.
-    mixed = (mix @ rows.permute(0, 2, 3, 1).reshape(last - first, -1)).view(1, stop - start, source_width, channels)
-    return F.interpolate(mixed.permute(0, 3, 1, 2), size=(stop - start, width), mode="bilinear", align_corners=False)
+    contiguous = source.is_contiguous()
+    mix, source = mix[:, first:last], source[:, :, first:last]
+    if contiguous:
+        # Height first, then 1-D resizing of each row: the same weights and values as the 2-D
+        # kernel with the height unchanged, a quarter faster (CPU, 19 classes).
+        channels, source_width = source.shape[1], source.shape[3]
+        mixed = torch.matmul(mix, source).reshape(1, -1, source_width)
+        out += F.interpolate(mixed, size=width, mode="linear", align_corners=False).view(1, channels, rows, width)
+    else:
+        # Channels-last: the width of the source rows, then their mix added to ``out`` by one
+        # matrix product over (rows, W * C) matrices.
+        wide = F.interpolate(source, size=(last - first, width), mode="bilinear", align_corners=False)
+        out.permute(0, 2, 3, 1).view(rows, -1).addmm_(mix, wide.permute(0, 2, 3, 1).reshape(last - first, -1))

@@ -391,3 +391,16 @@ def test_data_module_builds_one_view_per_test_scale(tmp_path) -> None:
         assert (vh, vw) == (int(h * factor + 0.5), int(w * factor + 0.5))
     with pytest.raises(ConfigError, match="data.inference.scales"):
         SegDataModule(dataset=SampleScenes, root=str(tmp_path), num_classes=7, inference={"scales": [0.5, -1]})
+
+
+def test_slide_takes_channels_last_logits() -> None:
+    model, x = stride4_model(), image(40, 50)
+
+    def channels_last_model(pixels: torch.Tensor) -> torch.Tensor:
+        return model(pixels).contiguous(memory_format=torch.channels_last)
+
+    with torch.no_grad():
+        torch.testing.assert_close(
+            slide_logits(channels_last_model, x, (24, 24), (16, 16)), _straightforward_slide(model, x, (24, 24), (16, 16)),
+            rtol=0, atol=1e-6,
+        )

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from segformer import SegFormer
 from segformer.model import mit
-from segformer.model.head import upsampled_rows
+from segformer.model.head import add_upsampled_rows
 from segformer.model.mit import fused_inference
 from segformer.training.upsampled_ce import interpolation_matrix
 
@@ -92,13 +92,16 @@ def test_banded_mix_ffn_equals_one_piece(model, monkeypatch):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("size,out", [((7, 5), (25, 18)), ((8, 6), (32, 24)), ((5, 9), (5, 20))])
-def test_upsampled_rows_are_rows_of_f_interpolate(channels_last, size, out):
+def test_add_upsampled_rows_adds_rows_of_f_interpolate(channels_last, size, out):
     source = torch.randn(1, 4, *size)
+    base = torch.randn(1, 4, *out)
     if channels_last:
         source = source.contiguous(memory_format=torch.channels_last)
-    expected = F.interpolate(source, size=out, mode="bilinear", align_corners=False)
+        base = base.contiguous(memory_format=torch.channels_last)
+    expected = base + F.interpolate(source, size=out, mode="bilinear", align_corners=False)
     matrix = interpolation_matrix(size[0], out[0], torch.float32, source.device)
     for rows in (1, 4, out[0]):
-        bands = [upsampled_rows(source, matrix, s, min(s + rows, out[0]), out[1]) for s in range(0, out[0], rows)]
-        assert all(band.is_contiguous(memory_format=torch.channels_last) == channels_last for band in bands if band.shape[2] > 1)
-        torch.testing.assert_close(torch.cat(bands, dim=2), expected, rtol=0, atol=1e-6)
+        result = base.clone()
+        for start in range(0, out[0], rows):
+            add_upsampled_rows(result[:, :, start : start + rows], source, matrix, start)
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
