@@ -94,6 +94,9 @@ class SegFormerModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_model:
+            # The network only. The loss stays eager: the fused cross-entropy (an autograd.Function
+            # looping over bands, with data-dependent checks) would break the graph, and compiling
+            # the plain upsample-then-cross-entropy loss made it slower on CPU (issue 14).
             self.model.compile()
 
     def forward(self, pixel_values: Tensor) -> Tensor:
