@@ -7,6 +7,7 @@ reduction, Mix-FFN. Tokens travel as (B, N, C) inside a stage and leave each sta
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,29 @@ def fused_inference(x: Tensor) -> bool:
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
-        and torch.backends.mkldnn.is_available()
+        and not torch.jit.is_tracing()  # the ONNX exporter traces: it knows no oneDNN ops
+        and not torch.onnx.is_in_onnx_export()
+        and _fused_ops_work()
     )
+
+
+@functools.cache
+def _fused_ops_work() -> bool:
+    """Whether this torch build has the private oneDNN ops and they compute the plain result
+    (checked once on a tiny input): builds without them take the plain path instead of failing."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.no_grad():
+            x, weight, bias = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+            linear = torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(2, 3, 5), weight, bias, "add")
+            maps, kernel = torch.randn(1, 2, 3, 3), torch.randn(2, 1, 3, 3)
+            conv = torch.ops.mkldnn._convolution_pointwise(maps, kernel, None, [1, 1], [1, 1], [1, 1], 2, "gelu", [], "none")
+        return torch.allclose(linear, F.linear(x, weight, bias) + 1, atol=1e-5) and torch.allclose(
+            conv, F.gelu(F.conv2d(maps, kernel, padding=1, groups=2)), atol=1e-5
+        )
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
