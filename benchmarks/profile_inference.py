@@ -1,84 +1,90 @@
-"""Where SegFormer's CPU inference time goes: torch.profiler tables by op and by module.
+"""Where SegFormer's CPU inference time goes: a table by op (torch.profiler) and one by module.
 
-    python benchmarks/profile_inference.py                         # b0 512x512 batch 1
+    python benchmarks/profile_inference.py                         # b0 512x512 batch 1, 150 classes
     python benchmarks/profile_inference.py --variant b2
-    python benchmarks/profile_inference.py --slide                 # b0, one 1024x2048 image, crop 1024, stride 768
+    python benchmarks/profile_inference.py --slide                 # b0, one 1024x2048 image, 19 classes
 
-By module: each module's inclusive time (its children included), summed over the model's modules
-of one kind (e.g. every ``attn.sr`` of stage 1); the attention kernel and the slide engine's own
-steps (window logits' upsampling, accumulation) are named ranges. Random weights, eval mode.
+By op: the profiler's self times (wall clock). By module: each module's inclusive CPU time
+(forward hooks reading ``time.thread_time`` with one thread, ``time.process_time`` with more: run
+those with OMP_WAIT_POLICY=PASSIVE), summed over the blocks of a stage; with ``--slide`` the time
+outside the model (the window grid, upsampling the windows' logits into the accumulator, the
+average) is its own row. CPU times leave out the time other jobs hold the cores, so the module
+table holds on a shared machine. Random weights, eval mode, ``torch.inference_mode``.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import time
+from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from segformer import SegFormer
 from segformer.inference import slide_logits
 
 
 def _kind(name: str) -> str:
-    """``encoder.stages.0.blocks.1.attn.q`` -> ``stage1 attn.q`` (blocks of a stage summed)."""
-    name = re.sub(r"^encoder\.stages\.(\d)\.", lambda m: f"stage{int(m.group(1)) + 1} ", name)
-    return re.sub(r"blocks\.\d+\.", "", name)
+    """``encoder.stages.0.blocks.1.attn.q`` -> ``stage1 attn.q`` (the blocks of a stage summed)."""
+    name = re.sub(r"^encoder\.stages\.(\d)(\.|$)", lambda m: f"stage{int(m.group(1)) + 1}{' ' if m.group(2) else ''}", name)
+    return re.sub(r"blocks\.\d+(\.|$)", lambda m: "" if m.group(1) else "blocks", name)
 
 
-def attach_ranges(model: nn.Module) -> None:
-    """A profiler range around every module's forward, named by its kind."""
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        label = _kind(name)
-
-        def pre(module, args, label=label):
-            module._range = record_function(label)
-            module._range.__enter__()
-
-        def post(module, args, output):
-            module._range.__exit__(None, None, None)
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-
-def table(prof, top: int, modules: bool) -> str:
-    averages = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in averages) / 1000
-    rows = []
-    for e in averages:
-        is_range = not e.key.startswith("aten::") and not e.key.startswith("ProfilerStep")
-        if modules != is_range:
-            continue
-        ms = (e.cpu_time_total if modules else e.self_cpu_time_total) / 1000
-        rows.append((ms, e.key, e.count))
-    rows.sort(reverse=True)
-    kind = "module / range (inclusive)" if modules else "op (self)"
-    lines = [f"| {kind} | ms per run | % of run | calls per run |", "|---|---|---|---|"]
-    for ms, key, count in rows[:top]:
-        lines.append(f"| {key} | {ms / RUNS:.1f} | {100 * ms / total:.1f} | {count // RUNS} |")
-    lines.append(f"| total (self times of all ops) | {total / RUNS:.1f} | 100 | |")
+def op_table(prof, runs: int, top: int) -> str:
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in events) / 1000 / runs
+    lines = ["| op | self ms per run (wall) | % | calls per run |", "|---|---|---|---|"]
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        ms = e.self_cpu_time_total / 1000 / runs
+        lines.append(f"| {e.key} | {ms:.1f} | {100 * ms / total:.1f} | {e.count // runs} |")
+    lines.append(f"| all ops | {total:.1f} | 100 | |")
     return "\n".join(lines)
 
 
-RUNS = 3
+def module_table(model: nn.Module, run, runs: int, clock, slide: bool) -> str:
+    spent: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        label = _kind(name) if name else "model"
+
+        def pre(module, args, kwargs):
+            started[id(module)] = clock()
+
+        def post(module, args, kwargs, output, label=label):
+            spent[label] += clock() - started.pop(id(module))
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    start = clock()
+    for _ in range(runs):
+        run()
+    total = (clock() - start) / runs
+    for handle in handles:
+        handle.remove()
+    rows = {label: seconds / runs for label, seconds in spent.items()}
+    if slide:
+        rows["slide engine (outside the model)"] = total - rows["model"]
+    lines = ["| module (inclusive) | CPU ms per run | % |", "|---|---|---|"]
+    for label, seconds in sorted(rows.items(), key=lambda kv: -kv[1]):
+        if label.count(".") <= 1 and seconds >= 0.005 * total:  # stages, blocks' parts, head, engine
+            lines.append(f"| {label} | {1000 * seconds:.1f} | {100 * seconds / total:.1f} |")
+    lines.append(f"| total | {1000 * total:.1f} | 100 |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    global RUNS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="b0")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slide", action="store_true", help="sliding window over one 1024x2048 image (19 classes)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
-    RUNS = args.runs
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = SegFormer(args.variant, num_classes=19 if args.slide else 150).eval()
@@ -93,15 +99,15 @@ def main() -> None:
         def run():
             return model(x)
 
+    clock = time.thread_time if args.threads == 1 else time.process_time
     with torch.inference_mode():
         run()  # warm-up
-        attach_ranges(model)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(RUNS):
+            for _ in range(args.runs):
                 run()
-    print(table(prof, args.top, modules=False))
-    print()
-    print(table(prof, args.top, modules=True))
+        print(op_table(prof, args.runs, args.top))
+        print()
+        print(module_table(model, run, args.runs, clock, args.slide))
 
 
 if __name__ == "__main__":
