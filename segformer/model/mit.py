@@ -99,10 +99,16 @@ def _fused_ops_work() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
+        # A private generator: the probe leaves torch's global random stream untouched.
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=generator)
+
         with torch.no_grad():
-            x, weight, bias = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+            x, weight, bias = randn(2, 3, 4), randn(5, 4), randn(5)
             linear = torch.ops.mkldnn._linear_pointwise.binary(x, torch.ones(2, 3, 5), weight, bias, "add")
-            maps, kernel = torch.randn(1, 2, 3, 3), torch.randn(2, 1, 3, 3)
+            maps, kernel = randn(1, 2, 3, 3), randn(2, 1, 3, 3)
             conv = torch.ops.mkldnn._convolution_pointwise(maps, kernel, None, [1, 1], [1, 1], [1, 1], 2, "gelu", [], "none")
         return torch.allclose(linear, F.linear(x, weight, bias) + 1, atol=1e-5) and torch.allclose(
             conv, F.gelu(F.conv2d(maps, kernel, padding=1, groups=2)), atol=1e-5

@@ -105,3 +105,13 @@ def test_add_upsampled_rows_adds_rows_of_f_interpolate(channels_last, size, out)
         for start in range(0, out[0], rows):
             add_upsampled_rows(result[:, :, start : start + rows], source, matrix, start)
         torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+def test_the_fused_kernel_probe_leaves_the_global_random_stream_alone():
+    mit._fused_ops_work.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert fused_inference(torch.zeros(1))  # runs the probe
+    assert torch.equal(torch.rand(3), expected)
