@@ -40,6 +40,7 @@ def test_fused_kernels_only_in_eager_float32_cpu_inference():
     assert not fused_inference(x)  # autograd needs the plain ops
 
 
+@pytest.mark.slow  # the inner loop checks the fused path through the transformers parity tests
 def test_fused_inference_equals_the_plain_computation(model):
     """Encoder maps and logits: no_grad (fused kernels, banded head) against grad mode (plain ops)."""
     shape = (2, 3, 75, 61)
@@ -69,6 +70,7 @@ def test_banded_head_equals_the_reference_head(model):
     torch.testing.assert_close(from_contiguous, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_mode_keeps_the_plain_path_under_no_grad():
     """Drop path stays active in train mode: the fused residual adds would skip it."""
     torch.manual_seed(0)
