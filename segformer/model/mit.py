@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
 from segformer.errors import ConfigError
@@ -88,6 +89,8 @@ def fused_inference(x: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # the ONNX exporter traces: it knows no oneDNN ops
         and not torch.onnx.is_in_onnx_export()
+        # Counting modes (FlopCounterMode: Lightning's summary, segformer.benchmark) know no oneDNN ops.
+        and _get_current_dispatch_mode() is None
         and _fused_ops_work()
     )
 
