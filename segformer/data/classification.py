@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -108,30 +109,55 @@ class HFImageClassification(Dataset):
         return {"image": _hf_image(row[self.image_column], f"{where} column {self.image_column!r}"), "label": label}
 
 
-# The sample set: six classes whose colours all come from one distribution, so only texture or
-# shape tells them apart (the scene generator's classes, one per image on a gradient).
+# The sample set: six classes, each drawn in one colour from the same distribution on a grey
+# gradient, so only texture or shape tells them apart: the scene generator's stripes, dots and
+# checkers (clipped to an ellipse, each at its own scale: thick stripes, fine checkers) and its
+# disc, box and triangle (enlarged to half or more of the image). Version 1 (finer textures in two
+# colours and small shapes, on colour gradients) kept a MiT-B0 trained from scratch at chance for
+# hundreds of CPU steps: it memorised the training images' colours instead.
 SAMPLE_CLASSES = sample.SAMPLE_CLASSES[1:]
-SAMPLE_VERSION = 1
+SAMPLE_VERSION = 2
 SAMPLE_SIZE = 64
+# A texture is drawn on a grid this many times smaller than the image, then enlarged.
+TEXTURE_SCALES = {sample._STRIPES: 1.6, sample._DOTS: 1.25, sample._CHECKERS: 1.0}
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+
+def _contrasting(rng: np.random.Generator, *greys: float) -> np.ndarray:
+    """A random colour far (L1 > 200) from each of the background's grey levels."""
+    while True:
+        colour = rng.integers(0, 256, 3).astype(np.float32)
+        if all(np.abs(colour - grey).sum() > 200 for grey in greys):
+            return colour
 
 
 def render_sample(rng: np.random.Generator, kind: int, size: int = SAMPLE_SIZE) -> np.ndarray:
-    """One (size, size, 3) uint8 image of sample class ``kind`` (0..5): a textured blob or a solid shape."""
+    """One (size, size, 3) uint8 image of sample class ``kind`` (0..5): a texture or a solid shape."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     direction = rng.uniform(0, 2 * np.pi)
     ramp = x * np.cos(direction) + y * np.sin(direction)
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0)
-    start, end = sample._colour(rng), sample._colour(rng)
-    image = start + ramp[..., None] * (end - start)
+    low, high = rng.uniform(60, 200, 2)
+    image = np.repeat((low + ramp * (high - low))[..., None], 3, axis=-1)
+    colour = _contrasting(rng, low, high)
     scene_kind = kind + 1  # the scene generator's ids (0 is its background)
-    if scene_kind in (sample._STRIPES, sample._DOTS, sample._CHECKERS):
-        region = sample._blob(rng, size, size)
-        first = sample._colour(rng)
-        pattern = sample._texture(rng, scene_kind, size, size)[..., None]
-        image = np.where(region[..., None], np.where(pattern, first, sample._colour(rng, first)), image)
+    if scene_kind in TEXTURE_SCALES:
+        small = round(size / TEXTURE_SCALES[scene_kind])
+        pattern = cv2.resize(sample._texture(rng, scene_kind, small, small).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        region = np.zeros((size, size), np.uint8)
+        centre = tuple(int(c) for c in rng.uniform(0.4, 0.6, 2) * size)
+        axes = tuple(int(a) for a in rng.uniform(0.32, 0.45, 2) * size)
+        cv2.ellipse(region, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, thickness=-1)
+        image[(region & pattern).astype(bool)] = colour
     else:
-        image[sample._shape(rng, scene_kind, size, size)] = sample._colour(rng)
-    image += rng.normal(0, 6, image.shape)
+        mask = sample._shape(rng, scene_kind, size, size).astype(np.uint8)
+        rows, columns = np.nonzero(mask)
+        mask = mask[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+        scale = rng.uniform(0.5, 0.75) * size / max(mask.shape)
+        mask = cv2.resize(mask, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST).astype(bool)
+        top, left = (int(rng.integers(0, size - extent + 1)) for extent in mask.shape)
+        image[top : top + mask.shape[0], left : left + mask.shape[1]][mask] = colour
+    image += rng.normal(0, 4, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -147,11 +173,12 @@ def ensure_sample_shapes(root: str | Path, seed: int = 0, per_class_train: int =
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
-        rng = np.random.default_rng(manifest["seed"])
         for split, count in (("train", manifest["train"]), ("val", manifest["val"])):
             for kind, name in enumerate(SAMPLE_CLASSES):
                 (staging / split / name).mkdir(parents=True)
                 for index in range(count):
+                    # Each image from its own (seed, split, class, index): a larger set holds the smaller.
+                    rng = np.random.default_rng([manifest["seed"], _SPLIT_IDS[split], kind, index])
                     Image.fromarray(render_sample(rng, kind)).save(staging / split / name / f"{index:04d}.png")
         (staging / sample.MANIFEST).write_text(json.dumps(manifest, indent=2))
         sample._move_into_place(staging, root, manifest)

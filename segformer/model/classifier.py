@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from segformer.errors import CheckpointError, ConfigError
 from segformer.model import checkpoints
 from segformer.model.mit import MIT_VARIANTS, MixTransformer
-from segformer.model.segformer import MIN_INPUT_SIZE
+from segformer.model.segformer import MIN_INPUT_SIZE, ClassNames
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 TASK = "classification"
 
 
-class MiTForImageClassification(nn.Module):
+class MiTForImageClassification(ClassNames, nn.Module):
     """Logits (B, num_classes) of (B, 3, H, W) images of any size (at least 29 pixels a side).
 
     ``norm_eps`` is the block and stage-final LayerNorm eps: 1e-6 as NVlabs trained, 1e-5 as
@@ -67,19 +67,6 @@ class MiTForImageClassification(nn.Module):
     @property
     def norm_eps(self) -> float:
         return self.encoder.norm_eps
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return self._id2label
-
-    @id2label.setter
-    def id2label(self, id2label: dict[int, str] | None) -> None:
-        if id2label is None:
-            id2label = {i: f"class_{i}" for i in range(self.num_classes)}
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(id2label) != list(range(self.num_classes)):
-            raise ConfigError(f"id2label must name every class id 0..{self.num_classes - 1} once, got ids {sorted(id2label)[:10]}.")
-        self._id2label = id2label
 
     @property
     def config(self) -> dict[str, Any]:

@@ -55,7 +55,30 @@ def encoder_channels(encoder: nn.Module) -> tuple[int, ...]:
     return tuple(channels)
 
 
-class SegFormer(nn.Module):
+class ClassNames:
+    """``id2label`` of a model with ``num_classes`` outputs (segmentation or image classification):
+    every id 0..num_classes-1 named once; None names them class_<id>."""
+
+    num_classes: int
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self._id2label
+
+    @id2label.setter
+    def id2label(self, id2label: dict[int, str] | None) -> None:
+        if id2label is None:
+            id2label = {i: f"class_{i}" for i in range(self.num_classes)}
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if sorted(id2label) != list(range(self.num_classes)):
+            raise ConfigError(
+                f"id2label must name every class id 0..{self.num_classes - 1} once, "
+                f"got ids {sorted(id2label)[:10]}{'...' if len(id2label) > 10 else ''}."
+            )
+        self._id2label = id2label
+
+
+class SegFormer(ClassNames, nn.Module):
     """Semantic segmentation model returning logits at 1/4 of the input resolution.
 
     ``norm_eps`` is the eps of the block and stage-final LayerNorms: 1e-6 in the NVlabs code
@@ -146,22 +169,6 @@ class SegFormer(nn.Module):
     @fast_head.setter
     def fast_head(self, enabled: bool) -> None:
         self.decode_head.fast = enabled
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return self._id2label
-
-    @id2label.setter
-    def id2label(self, id2label: dict[int, str] | None) -> None:
-        if id2label is None:
-            id2label = {i: f"class_{i}" for i in range(self.num_classes)}
-        id2label = {int(k): str(v) for k, v in id2label.items()}
-        if sorted(id2label) != list(range(self.num_classes)):
-            raise ConfigError(
-                f"id2label must name every class id 0..{self.num_classes - 1} once, "
-                f"got ids {sorted(id2label)[:10]}{'...' if len(id2label) > 10 else ''}."
-            )
-        self._id2label = id2label
 
     @property
     def config(self) -> dict[str, Any]:

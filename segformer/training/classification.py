@@ -111,6 +111,9 @@ class ClassificationModule(SegFormerModule):
         })
         self.val_results: dict[str, Tensor] = {}
         self.test_results: dict[str, Tensor] = {}
+        # Lightning's model summary runs it to fill its FLOPs column: one 224x224 image, the
+        # ImageNet evaluation size the MiT encoders' FLOPs are quoted at.
+        self.example_input_array = torch.zeros(1, 3, 224, 224)
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self.hparams.update(model.config)
 
@@ -120,6 +123,9 @@ class ClassificationModule(SegFormerModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "preprocessing"):
             checkpoint["segformer"]["preprocessing"] = datamodule.preprocessing
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
 
     def setup(self, stage: str) -> None:
         """Nothing to prepare: the soft-target loss needs no dataset statistics (unlike SegFormerModule's losses)."""
