@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from segformer.errors import ConfigError
-from segformer.model.head import add_upsampled_rows
-from segformer.training.upsampled_ce import interpolation_matrix
+from segformer.model.resize import add_upsampled_rows, interpolation_matrix
 
 Model = Callable[[Tensor], Tensor]
 Window = tuple[int, int, int, int]  # y1, y2, x1, x2 (end exclusive)

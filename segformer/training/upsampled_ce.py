@@ -25,8 +25,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from segformer.model.resize import interpolation_matrix
 
 # Upsampled scores per band (rows x width x classes, whole batch): 4 Mi floats, 16 MiB. Bands are
 # memory-bound passes (exp, sum, scale); larger ones waste fewer halo rows, smaller ones stay in cache.
@@ -59,16 +60,6 @@ def upsampled_cross_entropy_sum(
     return _UpsampledCrossEntropy.apply(
         logits, labels, weight, ignore_index, float(label_smoothing), band_elements, need_grad
     )
-
-
-def interpolation_matrix(size_in: int, size_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(size_out, size_in) weights of 1-D bilinear resizing, align_corners=False, border clamped.
-
-    Read off ``F.interpolate`` itself (resizing an identity): the weights the straightforward
-    loss uses, bit for bit.
-    """
-    eye = torch.eye(size_in, dtype=dtype, device=device)[None, None]
-    return F.interpolate(eye, size=(size_out, size_in), mode="bilinear", align_corners=False)[0, 0]
 
 
 class _Band(NamedTuple):

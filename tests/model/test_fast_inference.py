@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from segformer import SegFormer
 from segformer.model import mit
-from segformer.model.head import add_upsampled_rows
 from segformer.model.mit import fused_inference
-from segformer.training.upsampled_ce import interpolation_matrix
+from segformer.model.resize import add_upsampled_rows, interpolation_matrix
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segformer.model.resize import interpolation_matrix
 from segformer.training.losses import CrossEntropyLoss
-from segformer.training.upsampled_ce import (
-    interpolation_matrix,
-    upsampled_cross_entropy_sum,
-)
+from segformer.training.upsampled_ce import upsampled_cross_entropy_sum
 
 CLASSES = 5
 
