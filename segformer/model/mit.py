@@ -373,8 +373,11 @@ class MixTransformer(nn.Module):
             features.append(x)
         return features
 
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        return [x.contiguous() for x in self.channels_last_maps(pixel_values)]
+    def forward(self, pixel_values: Tensor, channels_last: bool = False) -> list[Tensor]:
+        """``channels_last=True``: the maps of ``channels_last_maps`` (what SegFormer's head takes),
+        through ``forward`` so that a compiled encoder compiles them."""
+        maps = self.channels_last_maps(pixel_values)
+        return maps if channels_last else [x.contiguous() for x in maps]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -187,10 +187,18 @@ class SegFormer(ClassNames, nn.Module):
         self.decode_head.reset_classifier(num_classes)
         self.id2label = id2label
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the encoder and the decode head as two graphs. One graph of the whole
+        network trained with wrong encoder gradients on CPU (torch 2.13 inductor, without
+        activation checkpointing: the same loss, patch-embedding weight gradients off by most of
+        their size), while each part compiled alone matches eager (tests/training/test_compile.py)."""
+        self.encoder.compile(*args, **kwargs)
+        self.decode_head.compile(*args, **kwargs)
+
     def features(self, pixel_values: Tensor) -> list[Tensor]:
         """The encoder's four maps as the head consumes them (MiT's in channels-last memory)."""
         if self.has_mit_encoder:
-            return self.encoder.channels_last_maps(pixel_values)
+            return self.encoder(pixel_values, channels_last=True)
         features = list(self.encoder(pixel_values))
         expected = [linear.in_features for linear in self.decode_head.linear_c]
         if [f.shape[1] if f.ndim == 4 else None for f in features] != expected:
