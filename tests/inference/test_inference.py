@@ -14,10 +14,12 @@ from torch import nn
 
 from segformer.data.datamodule import EvalSamples, collate_eval, eval_transforms
 from segformer.errors import ConfigError
+from segformer.inference import inference as inference_module
 from segformer.inference import (
     InferenceConfig,
     batch_probs,
     predict_batch,
+    predict_labels,
     predict_probs,
     slide_logits,
     slide_windows,
@@ -268,6 +270,64 @@ def test_padded_batch_gives_the_predictions_of_single_images(config: InferenceCo
         assert torch.equal(pred, single.argmax(dim=0))
 
 
+# ----------------------------------------------------------------------------- labels
+
+
+def _straightforward_probs(model, views: list[torch.Tensor], out: tuple[int, int], config: InferenceConfig) -> torch.Tensor:
+    """Each pass as MMSeg writes it: logits at the view's size (upsampled, or slid), flipped back,
+    resized to the output size, soft-maxed; the passes averaged."""
+    total, passes = 0, 0
+    for view in views:
+        for flip in (False, True) if config.flip else (False,):
+            inp = view.flip(-1) if flip else view
+            with torch.no_grad():
+                if config.mode == "slide":
+                    logits = _straightforward_slide(model, inp, config.crop_size, config.stride)
+                else:
+                    logits = upsampled(model, inp, inp.shape[-2:])
+            logits = logits.flip(-1) if flip else logits
+            total = total + F.interpolate(logits, size=out, mode="bilinear", align_corners=False).softmax(dim=1)
+            passes += 1
+    return (total / passes)[0]
+
+
+def _channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda pixels: model(pixels).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("band_elements", [1, 5 * 3 * 59, 1 << 18])  # a row, three rows, the image
+@pytest.mark.parametrize(
+    "config, channels_last",
+    [
+        (InferenceConfig(), False),
+        (InferenceConfig(), True),
+        (InferenceConfig(mode="slide", crop_size=[16, 20], stride=[10, 12], window_batch=3), False),
+        (InferenceConfig(flip=True), False),
+        (InferenceConfig(scales=[1.0, 1.5], flip=True), False),
+    ],
+)
+def test_labels_and_probabilities_match_the_straightforward_computation(
+    config: InferenceConfig, channels_last: bool, band_elements: int, monkeypatch
+) -> None:
+    """Resized a band of output rows at a time, both resizes (to the view, on to the output size)
+    together: the same probabilities, and labels that are their argmax wherever the top two
+    classes are apart by more than rounding."""
+    monkeypatch.setattr(inference_module, "BAND_ELEMENTS", band_elements)
+    model = stride4_model()
+    views = [image(22, 31, seed=1), image(33, 46, seed=2)][: len(config.scales)]
+    out = (41, 59)  # neither view's size
+    expected = _straightforward_probs(model, views, out, config)
+    run = _channels_last(model) if channels_last else model
+    probs = predict_probs(run, views, out, config)
+    labels = predict_labels(run, views, out, config)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-6)
+    assert labels.shape == out and labels.dtype == torch.long
+    top2 = expected.topk(2, dim=0).values
+    clear = top2[0] - top2[1] > 1e-5
+    assert clear.float().mean() > 0.99
+    assert torch.equal(labels[clear], expected.argmax(dim=0)[clear])
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -404,3 +464,20 @@ def test_slide_takes_channels_last_logits() -> None:
             slide_logits(channels_last_model, x, (24, 24), (16, 16)), _straightforward_slide(model, x, (24, 24), (16, 16)),
             rtol=0, atol=1e-6,
         )
+
+
+def test_labels_never_hold_the_full_resolution_scores() -> None:
+    """150 classes at 200x300 are 36 MB of float32 scores; predicting labels allocates no tensor
+    of a tenth of that (the bands are ~1 MiB), while the probabilities are that tensor."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 150, kernel_size=4, stride=4).eval()
+    x, out = image(100, 150), (200, 300)
+    full = 150 * 200 * 300 * 4
+
+    def largest_allocation(fn) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max(event.cpu_memory_usage for event in prof.events())
+
+    assert largest_allocation(lambda: predict_labels(model, x, out, InferenceConfig())) < full / 10
+    assert largest_allocation(lambda: predict_probs(model, x, out, InferenceConfig())) >= full
