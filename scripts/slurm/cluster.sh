@@ -56,7 +56,9 @@ start() {
     stop  # what an earlier start in this folder left running
     local host cpus
     host=$(hostname -s)
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS: with it set to 1 (as test workers and many users set it) the
+    # node would have one CPU and a two-task job would wait forever (PartitionConfig).
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mkdir -p "$dir/state" "$dir/spool" "$dir/log"
     chmod 700 "$dir"
     # munged refuses keys and sockets that others can read or write.
