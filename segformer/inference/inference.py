@@ -224,9 +224,11 @@ def _scores(
     pass at ``out_size``, or of the logits themselves for one pass without ``softmax``.
 
     Each pass's logits are resized a band of output rows (about ``BAND_ELEMENTS`` values) at a
-    time, so no full-resolution (K, H, W) tensor exists beyond the slide accumulator: for
-    ADE20K-sized images at 150 classes that tensor was 200 MiB per pass, resized, soft-maxed and
-    reduced in passes over memory.
+    time, so no resized (K, H, W) tensor is made: for ADE20K-sized images at 150 classes one was
+    200 MiB per pass, resized, soft-maxed and reduced in passes over memory. Whole-image passes
+    keep only their 1/4-resolution logits, so all of them are resized band by band together;
+    several sliding-window passes (full-resolution logits each) go one at a time into one
+    accumulator instead of being held together.
     """
     views = [views] if isinstance(views, Tensor) else list(views)
     if len(views) != len(config.scales):
@@ -235,23 +237,38 @@ def _scores(
             f"image comes in {len(views)}: build the evaluation samples with the same scales "
             "(SegDataModule and the predictor do so from their inference settings)."
         )
-    passes = []
-    for view in views:
-        for flip in (False, True) if config.flip else (False,):
-            logits = _pass_logits(model, view, config, flip)
-            passes.append((logits[0], *_resize_plan(logits, view.shape[-2:], out_size)))
-    softmax = softmax or len(passes) > 1
+    flips = (False, True) if config.flip else (False,)
+    count = len(views) * len(flips)
+    passes = (
+        (logits[0], *_resize_plan(logits, view.shape[-2:], out_size))
+        for view in views
+        for logits in (_pass_logits(model, view, config, flip) for flip in flips)
+    )
+    softmax = softmax or count > 1
     height, width = out_size
-    rows = max(1, BAND_ELEMENTS // (passes[0][0].shape[0] * width))
-    for start in range(0, height, rows):
-        stop = min(start + rows, height)
+
+    def bands(classes: int) -> Iterator[tuple[int, int]]:
+        rows = max(1, BAND_ELEMENTS // (classes * width))
+        return ((start, min(start + rows, height)) for start in range(0, height, rows))
+
+    def band_scores(plan: tuple[Tensor, Tensor | None, list[int]], start: int, stop: int) -> Tensor:
+        band = resized_rows(plan[0], plan[1], start, stop, plan[2])
+        return band.softmax(dim=0) if softmax else band
+
+    if config.mode == "slide" and count > 1:
         total = None
-        for logits, matrix, widths in passes:
-            band = resized_rows(logits, matrix, start, stop, widths)
-            band = band.softmax(dim=0) if softmax else band
-            total = band if total is None else total.add_(band)
+        for plan in passes:
+            total = plan[0].new_zeros(plan[0].shape[0], height, width) if total is None else total
+            for start, stop in bands(total.shape[0]):
+                total[:, start:stop] += band_scores(plan, start, stop)
         assert total is not None  # there is at least one pass
-        yield start, stop, total.div_(len(passes)) if len(passes) > 1 else total
+        total.div_(count)
+        yield from ((start, stop, total[:, start:stop]) for start, stop in bands(total.shape[0]))
+        return
+    plans = list(passes)
+    for start, stop in bands(plans[0][0].shape[0]):
+        scores = [band_scores(plan, start, stop) for plan in plans]
+        yield start, stop, torch.stack(scores).mean(dim=0) if count > 1 else scores[0]
 
 
 @torch.no_grad()

@@ -302,6 +302,7 @@ def _channels_last(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         (InferenceConfig(), False),
         (InferenceConfig(), True),
         (InferenceConfig(mode="slide", crop_size=[16, 20], stride=[10, 12], window_batch=3), False),
+        (InferenceConfig(mode="slide", crop_size=[16, 20], stride=[10, 12], scales=[1.0, 1.5], flip=True), False),
         (InferenceConfig(flip=True), False),
         (InferenceConfig(scales=[1.0, 1.5], flip=True), False),
     ],
