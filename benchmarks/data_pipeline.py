@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segformer.benchmark import device_name
 from segformer.data import ADE20K, train_transform
 from segformer.data.datamodule import TrainSamples
 
@@ -97,7 +97,7 @@ def main() -> None:
         augment = time_per_image(lambda i: samples.transform(image=raw[i]["image"], mask=raw[i]["mask"]), len(raw))
         total = time_per_image(lambda i: samples[i], len(samples))
 
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        print(f"machine: {device_name(torch.device('cpu'))} per process, {os.cpu_count()} CPU cores, "
               f"torch {torch.__version__}, opencv {cv2.__version__}")
         print(f"settings: {args.images} synthetic ADE20K-sized JPEGs, scale {args.scale}, ratio 0.5-2.0, "
               f"crop {args.crop}, cat_max_ratio 0.75, flip, photometric distortion\n")

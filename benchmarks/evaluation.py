@@ -26,7 +26,7 @@ import time
 import torch
 
 from segformer import SegFormer
-from segformer.benchmark import peak_rss_mib, reset_peak_rss_mib
+from segformer.benchmark import device_name, peak_rss_mib, reset_peak_rss_mib
 from segformer.inference import InferenceConfig, predict_batch, slide_windows
 
 CASES = {
@@ -91,7 +91,7 @@ def main() -> None:
     if args._child:
         print(json.dumps(child(args._child, args.variant, args.repeat)))
         return
-    print(f"{args.variant}, {args.threads} threads, median of {args.repeat}, torch {torch.__version__}")
+    print(f"{args.variant} on {device_name(torch.device('cpu'))}, median of {args.repeat}, torch {torch.__version__}")
     print("| case | predict_batch | model forward | outside the model | peak memory (first call) |")
     print("|---|---|---|---|---|")
     for case in args.case or sorted(CASES):

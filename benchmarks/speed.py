@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import logging
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from segformer import SegFormer
-from segformer.benchmark import peak_rss_mib, reset_peak_rss_mib
+from segformer.benchmark import device_name, peak_rss_mib, reset_peak_rss_mib
 from segformer.model.mit import MIT_VARIANTS
 from segformer.model.segformer import DECODER_DIMS
 from segformer.training.losses import CrossEntropyLoss
@@ -274,8 +273,7 @@ def main() -> None:
     if args.only in (None, "slide"):
         plan += [("slide", args.variant or "b0", 1024, 1)]
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {args.threads} threads"
-    print(f"device: {device_name}; torch {torch.__version__}; dtype {args.dtype}; compile {args.compile}; clock {args.clock}")
+    print(f"device: {device_name(torch.device(args.device))}; torch {torch.__version__}; dtype {args.dtype}; compile {args.compile}; clock {args.clock}")
     print("| task | transformers | segformer | speedup | max abs logit diff |")
     print("|---|---|---|---|---|")
     results = []

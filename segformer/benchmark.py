@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 import resource
 import statistics
 import time
@@ -105,6 +106,23 @@ def _status_mib(key: str) -> float:
         return int(next(line for line in handle if line.startswith(key + ":")).split()[1]) / 1024
 
 
+def device_name(device: torch.device) -> str:
+    """The device as timings must name it: a CPU's model, family and vector ISA change them severalfold."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    family = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
+    return f"{model} CPU{family}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+
 def benchmark(cfg: DictConfig) -> dict[str, Any]:
     """Build the configured model and measure it; prints a table and writes benchmark.json."""
     if cfg.repeat < 1 or cfg.warmup < 0 or cfg.batch_size < 1:
@@ -125,7 +143,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     pixels = torch.randn(cfg.batch_size, 3, *size, device=device)
     seconds, peak = time_forward(model, pixels, cfg.warmup, cfg.repeat)
     result.update(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        device=device_name(device),
         batch_size=cfg.batch_size,
         latency_ms=seconds * 1000,
         fps=cfg.batch_size / seconds,

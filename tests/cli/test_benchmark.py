@@ -45,6 +45,9 @@ def test_the_command_prints_and_writes_the_costs(tmp_path, capsys, monkeypatch):
     assert result["gflops_paper"] == pytest.approx(count_gflops(SegFormer("b0", 19), (64, 96)))
     assert result["latency_ms"] > 0 and result["fps"] > 0
     assert "GFLOPs (paper)" in out and "parameters" in out
+    # A CPU timing names what sets it: the vector ISA torch dispatches to and the thread count.
+    assert torch.backends.cpu.get_cpu_capability() in result["device"]
+    assert f"{torch.get_num_threads()} threads" in result["device"]
 
 
 @pytest.mark.slow
