@@ -25,9 +25,9 @@ from segformer.model.resize import add_upsampled_rows, interpolation_matrix
 DECODER_DIMS = {"b0": 256, "b1": 256, "b2": 768, "b3": 768, "b4": 768, "b5": 768}
 
 # 1/4-resolution rows per band of the inference head: a multiple of the largest upsampling
-# factor (8), so a band needs few source rows; 8-12 were fastest for B0 and B2 at 512x512 and
-# B0 on 1024x1024 windows (benchmarks/RESULTS.md, round two: inference).
-BAND_ROWS = 8
+# factor (8), so a band needs few source rows; with the classifier in oneDNN 16 beat 8 for B0 at
+# 512x512 (13.0 -> 11.2 ms) and on 1024x1024 windows, and tied for B2 (benchmarks/RESULTS.md).
+BAND_ROWS = 16
 
 
 class DecodeHead(nn.Module):
@@ -111,6 +111,9 @@ class DecodeHead(nn.Module):
         grids = [x.permute(0, 2, 3, 1).contiguous() for x in features]
         matrices = [interpolation_matrix(x.shape[1], height, x.dtype, x.device) for x in grids[1:]]
         classifier = self.classifier.weight.view(classes, dim)
+        # The classifier runs as (K, D) x (pixels, D)^T, logits out channel-major as stored, the
+        # bias added inside the kernel: half the time of addmm into the logits (b0, 150 classes).
+        class_bias = {}
         logits = features[0].new_empty(batch, classes, height * width)
         for image in range(batch):  # one image's projections at a time: smaller, reused allocations
             # Stages 2-4 projected at their own resolution, as (1, D, h_i, w_i) channels-last maps.
@@ -120,9 +123,11 @@ class DecodeHead(nn.Module):
                 band = fused_linear(grids[0][image : image + 1, start:stop], weights[0], bias)  # (1, rows, W, D)
                 for y, matrix in zip(low, matrices):
                     add_upsampled_rows(band.permute(0, 3, 1, 2), y, matrix, start)
-                torch.addmm(
-                    self.classifier.bias[:, None], classifier, band.view(-1, dim).relu_().T,
-                    out=logits[image, :, start * width : stop * width],
+                pixels = (stop - start) * width
+                if pixels not in class_bias:
+                    class_bias[pixels] = self.classifier.bias[:, None].expand(classes, pixels).contiguous()
+                logits[image, :, start * width : stop * width] = fused_linear(
+                    classifier, band.view(pixels, dim).relu_(), None, class_bias[pixels]
                 )
         return logits.view(batch, classes, height, width)
 
