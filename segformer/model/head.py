@@ -62,10 +62,31 @@ class DecodeHead(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         if self.fast and not self.training and fused_inference(features[0]):
             return self.banded_inference(features)
-        fused = self.fuse_folded(features) if self.fast else self.fuse_reference(features)
+        if self.fast:
+            return self.classify(self.fuse_folded(features))
         # Logits leave in the standard layout: the loss's softmax over classes (and most user
         # code) would otherwise copy the large upsampled channels-last tensor.
-        return self.classifier(self.dropout(fused)).contiguous()
+        return self.classifier(self.dropout(self.fuse_reference(features))).contiguous()
+
+    def classify(self, fused: Tensor) -> Tensor:
+        """Channel dropout and the 1x1 classifier as one batched matmul.
+
+        Dropping channel c of a sample's map is zeroing column c of that sample's classifier
+        weights, so the dropped-out (B, D, H/4, W/4) map (100 MiB for B2 at 512x512, batch 2) and
+        its gradient are never made. The mask is drawn as ``nn.Dropout2d`` draws it (same random
+        stream, same mask); the logits leave in the standard layout.
+        """
+        batch, dim, height, width = fused.shape
+        classes = self.classifier.out_channels
+        weight = self.classifier.weight.view(1, classes, dim)
+        p = self.dropout.p
+        if self.training and p > 0:
+            weight = weight * fused.new_empty(batch, 1, dim).bernoulli_(1 - p).div_(1 - p)  # p < 1: checked
+        else:
+            weight = weight.expand(batch, classes, dim)
+        tokens = fused.permute(0, 2, 3, 1).reshape(batch, height * width, dim)  # a view when channels-last
+        logits = torch.baddbmm(self.classifier.bias.view(1, 1, classes), tokens, weight.transpose(1, 2))
+        return logits.view(batch, height, width, classes).permute(0, 3, 1, 2).contiguous()
 
     def fuse_reference(self, features: list[Tensor]) -> Tensor:
         """The paper's computation, step by step: the ground truth for the folded path."""
@@ -88,10 +109,11 @@ class DecodeHead(nn.Module):
             bias = (bias - self.bn.running_mean) * scale + self.bn.bias
         size = features[0].shape[-2:]
         out = F.conv2d(features[0], weights[0][:, :, None, None], bias)
+        # In place (autograd needs none of these outputs): each fresh (B, D, H/4, W/4) tensor
+        # costs its page faults.
         for x, w in zip(features[1:], weights[1:]):
-            y = F.conv2d(x, w[:, :, None, None])
-            out = out + F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return F.relu(out if fold_bn else self.bn(out))
+            out += F.interpolate(F.conv2d(x, w[:, :, None, None]), size=size, mode="bilinear", align_corners=False)
+        return F.relu(out if fold_bn else self.bn(out), inplace=True)
 
     def banded_inference(self, features: list[Tensor], band_rows: int = BAND_ROWS) -> Tensor:
         """`fuse_folded` then the classifier, in eval, a band of 1/4-resolution rows at a time.

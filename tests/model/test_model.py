@@ -114,11 +114,12 @@ def test_folded_head_equals_reference_in_eval(variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["b0", "b2"])
-def test_folded_head_equals_reference_in_training(variant):
-    """Same loss and the same gradient for every parameter, BatchNorm in batch-statistics mode."""
+@pytest.mark.parametrize("variant,dropout", [("b0", 0.0), ("b0", 0.3), ("b2", 0.1)])
+def test_folded_head_equals_reference_in_training(variant, dropout):
+    """Same loss and the same gradient for every parameter, BatchNorm in batch-statistics mode,
+    channel dropout drawing the same mask (folded into the classifier on the fast path)."""
     torch.manual_seed(0)
-    model = SegFormer(variant, num_classes=7, drop_path_rate=0.0, decoder_dropout=0.0).train()
+    model = SegFormer(variant, num_classes=7, drop_path_rate=0.0, decoder_dropout=dropout).train()
     x = torch.randn(2, 3, 45, 37)
     labels = torch.randint(0, 7, (2, 45, 37))
     labels[:, :5] = 255
@@ -126,6 +127,7 @@ def test_folded_head_equals_reference_in_training(variant):
     def loss_and_grads(fast: bool):
         model.zero_grad()
         model.fast_head = fast
+        torch.manual_seed(1)  # the same dropout draw for both heads
         logits = model(x)
         up = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         loss = torch.nn.functional.cross_entropy(up, labels, ignore_index=255)
@@ -151,6 +153,35 @@ def test_folded_head_equals_reference_in_training(variant):
         model.fast_head = False
         model(x)
         assert torch.allclose(fast_stat, getattr(model.decode_head.bn, name), atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
+def test_classify_is_dropout2d_then_the_classifier(p):
+    """The fast head's classifier, dropout folded into per-sample weights: same mask as
+    nn.Dropout2d from the same seed, same logits and gradients (input, weight, bias)."""
+    head = SegFormer("b0", num_classes=5, decoder_dropout=p).decode_head.train()
+    fused = torch.randn(3, 256, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad_out = torch.randn(3, 5, 6, 7)
+
+    def run(fast: bool):
+        for t in (fused, head.classifier.weight, head.classifier.bias):
+            t.grad = None
+        torch.manual_seed(3)
+        logits = head.classify(fused) if fast else head.classifier(head.dropout(fused))
+        logits.backward(grad_out)
+        return logits.detach(), fused.grad.clone(), head.classifier.weight.grad.clone(), head.classifier.bias.grad.clone()
+
+    fast, reference = run(True), run(False)
+    assert fast[0].is_contiguous()
+    for a, b in zip(fast, reference):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    if p == 0.5:  # a mask was drawn: some of each sample's channels are dropped, and the same ones
+        dropped = reference[1].abs().sum((2, 3)) == 0
+        assert dropped.any() and not dropped.all()
+        assert torch.equal(dropped, fast[1].abs().sum((2, 3)) == 0)
+    head.eval()
+    with torch.no_grad():
+        assert torch.allclose(head.classify(fused), head.classifier(fused), atol=1e-5)
 
 
 def test_reset_classifier_keeps_the_rest():
